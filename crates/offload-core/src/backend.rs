@@ -1,0 +1,99 @@
+//! For implementing an [`Executor`](crate::Executor): the producer side of a [`TaskHandle`].
+//!
+//! A backend calls [`pair`] when a task is submitted, keeps the [`Completer`] with the queued
+//! work, and returns the handle to the caller. When a worker picks the task up it calls
+//! [`Completer::start`] (false: the task was cancelled meanwhile, skip it), runs the task under
+//! [`enter`] so that [`is_cancelled`](crate::is_cancelled) works, and calls
+//! [`Completer::complete`]. A completer dropped without completing resolves its handle with
+//! [`TaskError::Shutdown`], so a pool that drops its queue can never leave a caller hanging.
+
+use std::sync::Arc;
+
+use crate::handle::{Shared, Status};
+use crate::{CancelFlag, TaskError, TaskHandle};
+
+pub use crate::cancel::EnterGuard;
+pub use crate::unwind::{catch_task_panic, panic_message};
+
+/// Creates a queued task's handle and its completer. `name` is the task's name, for errors.
+pub fn pair<T>(name: &'static str) -> (Completer<T>, TaskHandle<T>) {
+    let shared = Arc::new(Shared::new(name, Status::Queued));
+    (
+        Completer {
+            shared: Some(shared.clone()),
+        },
+        TaskHandle::from_shared(shared),
+    )
+}
+
+/// Makes `flag` the current task's cancel flag on this thread until the guard drops.
+pub fn enter(flag: CancelFlag) -> EnterGuard {
+    crate::cancel::enter(flag)
+}
+
+/// The backend's end of a submitted task: starts and completes it.
+pub struct Completer<T> {
+    /// `None` once completed; the `Option` lets `complete` consume without running `Drop`'s
+    /// fallback.
+    shared: Option<Arc<Shared<T>>>,
+}
+
+impl<T> Completer<T> {
+    fn shared(&self) -> &Shared<T> {
+        match &self.shared {
+            Some(shared) => shared,
+            None => unreachable!("a completer is only emptied by `complete`, which consumes it"),
+        }
+    }
+
+    /// The task's name.
+    pub fn task_name(&self) -> &'static str {
+        self.shared().name
+    }
+
+    /// Marks the task running. Returns `false` when it was cancelled while queued: the
+    /// backend must then not run it.
+    pub fn start(&self) -> bool {
+        self.shared().start()
+    }
+
+    /// True once the caller cancelled the task (or dropped its handle).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared().cancel.is_raised()
+    }
+
+    /// The task's cancel flag, to make current with [`enter`] while the task runs.
+    pub fn cancel_flag(&self) -> CancelFlag {
+        self.shared().cancel.clone()
+    }
+
+    /// Registers `hook`, run once if the caller cancels the task before it completes (at once,
+    /// if it was already cancelled). Backends that can stop running work use it.
+    pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
+        self.shared().set_on_cancel(Box::new(hook));
+    }
+
+    /// Resolves the handle with `result`. A result that arrives after a cancel is dropped.
+    pub fn complete(mut self, result: Result<T, TaskError>) {
+        if let Some(shared) = self.shared.take() {
+            shared.finish(result);
+        }
+    }
+}
+
+impl<T> Drop for Completer<T> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            let name = shared.name;
+            shared.finish(Err(TaskError::shutdown(name)));
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Completer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completer")
+            .field("task", &self.shared.as_ref().map(|s| s.name))
+            .finish()
+    }
+}

@@ -1,0 +1,344 @@
+//! `TaskHandle`: the caller's end of one submitted task, and the state it shares with the
+//! backend's [`Completer`](crate::backend::Completer).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use crate::cancel::CancelFlag;
+use crate::TaskError;
+
+/// Where a task is in its life. Transitions only go forward: `Queued -> Running -> Done` or
+/// `Queued -> Done` (cancelled, or dropped by a pool that shut down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Queued,
+    Running,
+    Done,
+}
+
+/// State shared by a [`TaskHandle`] and its completer.
+pub(crate) struct Shared<T> {
+    pub(crate) name: &'static str,
+    inner: Mutex<Inner<T>>,
+    /// Signalled when the task becomes `Done`, for blocking waiters only.
+    done: Condvar,
+    /// Raised by `cancel()`; the running task reads it through `offload::is_cancelled()`.
+    pub(crate) cancel: CancelFlag,
+}
+
+struct Inner<T> {
+    status: Status,
+    /// `Some` from completion until the handle takes it.
+    result: Option<Result<T, TaskError>>,
+    waker: Option<Waker>,
+    /// Threads blocked in `wait`; the condvar is only notified when there are some, so the
+    /// common async path never pays for a futex wake.
+    blocked: usize,
+    /// Set by a backend that can stop running work (e.g. by sending a cancel frame).
+    on_cancel: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<T> Shared<T> {
+    pub(crate) fn new(name: &'static str, status: Status) -> Self {
+        Shared {
+            name,
+            inner: Mutex::new(Inner {
+                status,
+                result: None,
+                waker: None,
+                blocked: 0,
+                on_cancel: None,
+            }),
+            done: Condvar::new(),
+            cancel: CancelFlag::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        // Nothing panics while holding this lock (user code never runs under it), so a
+        // poisoned lock still holds consistent state.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn status(&self) -> Status {
+        self.lock().status
+    }
+
+    /// `Queued -> Running`. False when the task was already finished (cancelled): do not run.
+    pub(crate) fn start(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.status == Status::Queued {
+            inner.status = Status::Running;
+            true
+        } else {
+            inner.status == Status::Running
+        }
+    }
+
+    /// Finishes the task with `result` unless it is already finished. Returns whether this
+    /// call finished it. A result that arrives after a cancel is dropped, outside the lock,
+    /// since its destructor is user code.
+    pub(crate) fn finish(&self, result: Result<T, TaskError>) -> bool {
+        let mut inner = self.lock();
+        if inner.status == Status::Done {
+            drop(inner);
+            drop(result);
+            return false;
+        }
+        inner.status = Status::Done;
+        inner.result = Some(result);
+        inner.on_cancel = None;
+        let waker = inner.waker.take();
+        let blocked = inner.blocked > 0;
+        drop(inner);
+        if blocked {
+            self.done.notify_all();
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// Cancels the task unless it already finished. Returns whether this call cancelled it.
+    pub(crate) fn cancel(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.status == Status::Done {
+            return false;
+        }
+        self.cancel.raise();
+        inner.status = Status::Done;
+        inner.result = Some(Err(TaskError::cancelled(self.name)));
+        let hook = inner.on_cancel.take();
+        let waker = inner.waker.take();
+        let blocked = inner.blocked > 0;
+        drop(inner);
+        if blocked {
+            self.done.notify_all();
+        }
+        if let Some(hook) = hook {
+            hook();
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// Installs a hook run once if the task is cancelled while queued or running. Runs it at
+    /// once if the task was already cancelled.
+    pub(crate) fn set_on_cancel(&self, hook: Box<dyn FnOnce() + Send>) {
+        let mut inner = self.lock();
+        if inner.status != Status::Done {
+            inner.on_cancel = Some(hook);
+        } else if self.cancel.is_raised() {
+            drop(inner);
+            hook();
+        }
+    }
+
+    /// Readiness without taking the result: used by `wait` and `as_completed`.
+    /// `Ready(true)` means the task finished with an error.
+    pub(crate) fn poll_done(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut inner = self.lock();
+        if inner.status == Status::Done {
+            return Poll::Ready(matches!(inner.result, Some(Err(_))));
+        }
+        register(&mut inner.waker, cx.waker());
+        Poll::Pending
+    }
+}
+
+fn register(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(old) if old.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
+    }
+}
+
+/// The caller's end of a submitted task: a future of its output.
+///
+/// `pool.submit(task).await?` is the common case. The task runs whether or not the handle is
+/// polled. Its methods mirror Python's `concurrent.futures.Future`: [`cancel`](Self::cancel),
+/// [`is_cancelled`](Self::is_cancelled), [`is_running`](Self::is_running),
+/// [`is_done`](Self::is_done), and blocking [`wait`](Self::wait) /
+/// [`wait_timeout`](Self::wait_timeout) for synchronous callers.
+///
+/// **Dropping a handle cancels its task**, as dropping any Rust future cancels its work: when
+/// an axum request is abandoned, its CPU work stops too. A task that has not started never
+/// runs; a running task is asked to stop (see [`is_cancelled`](crate::is_cancelled)). Call
+/// [`detach`](Self::detach) to let a task run on with nobody waiting for it.
+#[must_use = "dropping a TaskHandle cancels its task; `.await` it, or call `.detach()`"]
+pub struct TaskHandle<T> {
+    shared: Arc<Shared<T>>,
+    /// The result was returned; polling again is a bug in the caller.
+    taken: bool,
+    detached: bool,
+}
+
+impl<T> TaskHandle<T> {
+    pub(crate) fn from_shared(shared: Arc<Shared<T>>) -> Self {
+        TaskHandle {
+            shared,
+            taken: false,
+            detached: false,
+        }
+    }
+
+    /// A handle that is already finished with `result`: used when there is no task to run,
+    /// e.g. `submit` on a pool that was shut down.
+    pub fn ready(name: &'static str, result: Result<T, TaskError>) -> Self {
+        let shared = Shared::new(name, Status::Done);
+        shared.lock().result = Some(result);
+        TaskHandle::from_shared(Arc::new(shared))
+    }
+
+    /// The task's name ([`Task::NAME`](crate::Task::NAME), or the closure's type for closures).
+    pub fn task_name(&self) -> &'static str {
+        self.shared.name
+    }
+
+    /// Cancels the task. Returns `true` if this call cancelled it, `false` if it had already
+    /// finished (with a result, an error or an earlier cancel).
+    ///
+    /// After a successful cancel the handle resolves to [`TaskError::Cancelled`] at once. A
+    /// queued task never runs. A running task is asked to stop: on a `ThreadPool` that is
+    /// cooperative only (the task's thread stays busy until the task returns or checks
+    /// [`is_cancelled`](crate::is_cancelled)); backends that can stop work harder say so.
+    pub fn cancel(&self) -> bool {
+        self.shared.cancel()
+    }
+
+    /// True when the task was cancelled (through [`cancel`](Self::cancel)).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.is_raised() && self.shared.status() == Status::Done
+    }
+
+    /// True while a worker is running the task.
+    pub fn is_running(&self) -> bool {
+        self.shared.status() == Status::Running
+    }
+
+    /// True when the task finished: with its output, an error, or a cancel. Awaiting a handle
+    /// that is done returns at once.
+    pub fn is_done(&self) -> bool {
+        self.shared.status() == Status::Done
+    }
+
+    /// Lets the task run to completion with nobody waiting for it; its output is dropped.
+    pub fn detach(mut self) {
+        self.detached = true;
+    }
+
+    /// Blocks the current thread until the task finishes, and returns its output.
+    ///
+    /// For synchronous callers. In async code, `.await` the handle instead: blocking an async
+    /// runtime's thread stalls every other future on it.
+    ///
+    /// # Errors
+    ///
+    /// The [`TaskError`] the task finished with.
+    ///
+    /// # Panics
+    ///
+    /// If the handle already returned its result (it was awaited to completion before).
+    pub fn wait(mut self) -> Result<T, TaskError> {
+        match self.wait_until(None) {
+            Some(result) => result,
+            None => unreachable!("a wait without a deadline returns only with a result"),
+        }
+    }
+
+    /// Blocks for at most `timeout`. Returns `None` when the task has not finished by then; the
+    /// handle stays valid (wait again, await it or cancel it).
+    ///
+    /// # Errors
+    ///
+    /// `Some(Err(_))`: the [`TaskError`] the task finished with.
+    ///
+    /// # Panics
+    ///
+    /// If the handle already returned its result.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<T, TaskError>> {
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<T, TaskError>> {
+        let mut inner = self.shared.lock();
+        loop {
+            if let Some(result) = inner.result.take() {
+                self.taken = true;
+                return Some(result);
+            }
+            assert!(
+                !self.taken,
+                "TaskHandle waited on after it returned its result"
+            );
+            inner.blocked += 1;
+            inner = match deadline {
+                None => self
+                    .shared
+                    .done
+                    .wait(inner)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let (guard, _) = self
+                        .shared
+                        .done
+                        .wait_timeout(inner, left)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    guard
+                }
+            };
+            inner.blocked -= 1;
+            if inner.result.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+        }
+    }
+
+    /// The shared state, for watchers that observe completion without taking the result.
+    pub(crate) fn shared(&self) -> &Arc<Shared<T>> {
+        &self.shared
+    }
+}
+
+impl<T> Future for TaskHandle<T> {
+    type Output = Result<T, TaskError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut inner = this.shared.lock();
+        if let Some(result) = inner.result.take() {
+            this.taken = true;
+            return Poll::Ready(result);
+        }
+        assert!(
+            !this.taken,
+            "TaskHandle polled after it returned its result"
+        );
+        register(&mut inner.waker, cx.waker());
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for TaskHandle<T> {
+    fn drop(&mut self) {
+        if !self.detached && !self.taken {
+            self.shared.cancel();
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for TaskHandle<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskHandle")
+            .field("task", &self.shared.name)
+            .field("status", &self.shared.status())
+            .finish()
+    }
+}

@@ -1,0 +1,206 @@
+//! The task registry: every task type, findable by its stable name.
+//!
+//! A worker process receives a task as a name and bytes; the registry turns those into a call
+//! of the right `run`. Entries are collected at link time (the `inventory` crate), so defining
+//! a task with `#[offload::task]` is enough: there is no list to maintain and no ordering rule.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use crate::{catch_task_panic, Task, TaskError};
+
+/// A registered task type: its name and a type-erased way to run it on serialized input.
+#[derive(Debug)]
+pub struct TaskEntry {
+    name: &'static str,
+    invoke: fn(&[u8]) -> Result<Vec<u8>, TaskError>,
+}
+
+inventory::collect!(TaskEntry);
+
+impl TaskEntry {
+    /// The entry for task type `T`. Used by [`register_task!`](crate::register_task) and the
+    /// `#[offload::task]` attribute.
+    pub const fn of<T: Task>() -> Self {
+        TaskEntry {
+            name: T::NAME,
+            invoke: invoke::<T>,
+        }
+    }
+
+    /// The task's stable name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Decodes a task from `input` (postcard), runs it, and returns its encoded output.
+    ///
+    /// # Errors
+    ///
+    /// [`TaskError::Serialization`] when the input does not decode as this task or the output
+    /// does not encode; [`TaskError::Panicked`] when the task panics.
+    pub fn invoke(&self, input: &[u8]) -> Result<Vec<u8>, TaskError> {
+        (self.invoke)(input)
+    }
+}
+
+fn invoke<T: Task>(input: &[u8]) -> Result<Vec<u8>, TaskError> {
+    let task: T = postcard::from_bytes(input).map_err(|e| TaskError::serialization(T::NAME, e))?;
+    let output = catch_task_panic(T::NAME, move || task.run())?;
+    postcard::to_stdvec(&output).map_err(|e| TaskError::serialization(T::NAME, e))
+}
+
+/// Registers a task type that implements [`Task`] by hand, so process workers can find it.
+///
+/// Tasks made with `#[offload::task]` are registered already. Write this at module level,
+/// once per type.
+///
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Serialize, Deserialize)]
+/// struct Ping;
+/// impl offload_core::Task for Ping {
+///     type Output = ();
+///     const NAME: &'static str = "docs::Ping";
+///     fn run(self) {}
+/// }
+/// offload_core::register_task!(Ping);
+///
+/// assert!(offload_core::find_task("docs::Ping").is_ok());
+/// ```
+#[macro_export]
+macro_rules! register_task {
+    ($task:ty) => {
+        $crate::__private::inventory::submit! {
+            $crate::TaskEntry::of::<$task>()
+        }
+    };
+}
+
+/// Why [`find_task`] found no single entry for a name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LookupError {
+    /// No task of that name is registered in this program.
+    #[error(
+        "no task named `{0}` is registered in this program; define it with #[offload::task] \
+         (or register_task!) in code linked into the worker"
+    )]
+    Unknown(String),
+    /// Two task types share the name, so the name cannot say which one to run.
+    #[error("two task types are registered under the name `{0}`; task names must be unique")]
+    Duplicate(String),
+}
+
+struct Index {
+    by_name: HashMap<&'static str, &'static TaskEntry>,
+    duplicates: Vec<&'static str>,
+}
+
+fn index() -> &'static Index {
+    static INDEX: OnceLock<Index> = OnceLock::new();
+    INDEX.get_or_init(|| {
+        let mut by_name = HashMap::new();
+        let mut duplicates = Vec::new();
+        for entry in inventory::iter::<TaskEntry> {
+            if by_name.insert(entry.name, entry).is_some() {
+                duplicates.push(entry.name);
+            }
+        }
+        Index {
+            by_name,
+            duplicates,
+        }
+    })
+}
+
+/// Finds the registered task called `name`.
+///
+/// # Errors
+///
+/// [`LookupError::Unknown`] when no task has that name; [`LookupError::Duplicate`] when two
+/// do.
+pub fn find_task(name: &str) -> Result<&'static TaskEntry, LookupError> {
+    let index = index();
+    if index.duplicates.contains(&name) {
+        return Err(LookupError::Duplicate(name.to_owned()));
+    }
+    index
+        .by_name
+        .get(name)
+        .copied()
+        .ok_or_else(|| LookupError::Unknown(name.to_owned()))
+}
+
+/// Every registered task, in no particular order.
+pub fn registered_tasks() -> impl Iterator<Item = &'static TaskEntry> {
+    index().by_name.values().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    struct Double(u32);
+    impl Task for Double {
+        type Output = u32;
+        const NAME: &'static str = "offload_core::registry::tests::Double";
+        fn run(self) -> u32 {
+            if self.0 == 13 {
+                panic!("unlucky");
+            }
+            self.0 * 2
+        }
+    }
+    crate::register_task!(Double);
+
+    #[derive(Serialize, Deserialize)]
+    struct Twin;
+    impl Task for Twin {
+        type Output = ();
+        const NAME: &'static str = "offload_core::registry::tests::twin";
+        fn run(self) {}
+    }
+    #[derive(Serialize, Deserialize)]
+    struct OtherTwin;
+    impl Task for OtherTwin {
+        type Output = ();
+        const NAME: &'static str = "offload_core::registry::tests::twin";
+        fn run(self) {}
+    }
+    crate::register_task!(Twin);
+    crate::register_task!(OtherTwin);
+
+    #[test]
+    fn a_registered_task_runs_from_bytes() {
+        let entry = find_task(Double::NAME).expect("registered");
+        assert_eq!(entry.name(), Double::NAME);
+        let input = postcard::to_stdvec(&Double(21)).expect("encode");
+        let output = entry.invoke(&input).expect("runs");
+        assert_eq!(postcard::from_bytes::<u32>(&output).expect("decode"), 42);
+        assert!(registered_tasks().any(|e| e.name() == Double::NAME));
+    }
+
+    #[test]
+    fn bad_input_and_panics_are_errors() {
+        let entry = find_task(Double::NAME).expect("registered");
+        let err = entry.invoke(&[]).unwrap_err();
+        assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+        let input = postcard::to_stdvec(&Double(13)).expect("encode");
+        assert_eq!(
+            entry.invoke(&input).unwrap_err().panic_message(),
+            Some("unlucky")
+        );
+    }
+
+    #[test]
+    fn unknown_and_duplicate_names_are_clear_errors() {
+        let err = find_task("nope::missing").unwrap_err();
+        assert_eq!(err, LookupError::Unknown("nope::missing".into()));
+        assert!(err.to_string().contains("`nope::missing`"));
+        let err = find_task("offload_core::registry::tests::twin").unwrap_err();
+        assert!(matches!(err, LookupError::Duplicate(_)), "{err}");
+    }
+}

@@ -1,0 +1,144 @@
+//! The job queue shared by the pool and its worker threads, and the worker loop.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+/// One unit of queued work: a task (or batch) bound to its completer. Never unwinds: the
+/// task's panics are caught inside.
+pub(crate) type Job = Box<dyn FnOnce() + Send>;
+
+/// A FIFO of jobs with a closed flag, plus the count of live workers for `join`.
+#[derive(Default)]
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    /// Workers wait here for jobs (or for the queue to close).
+    work: Condvar,
+    /// `join` waits here for the last worker to exit.
+    exited: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    closed: bool,
+    /// Workers blocked on `work`: a push only pays for a wake-up when someone sleeps.
+    idle: usize,
+    live: usize,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Jobs run outside the lock and never unwind, so the state is never left half-done.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn add_worker(&self) {
+        self.lock().live += 1;
+    }
+
+    /// Queues the job `make(value)`; gives `value` back when the queue is closed. The job is
+    /// made under the lock so that a closed queue never swallows the value.
+    pub(crate) fn try_push<V>(&self, value: V, make: impl FnOnce(V) -> Job) -> Result<(), V> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(value);
+        }
+        state.jobs.push_back(make(value));
+        let wake = state.idle > 0;
+        drop(state);
+        if wake {
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Stops accepting jobs. With `drop_pending`, queued jobs are dropped (which resolves their
+    /// handles with `Shutdown`); otherwise workers finish them and then exit.
+    pub(crate) fn close(&self, drop_pending: bool) {
+        let mut state = self.lock();
+        state.closed = true;
+        let dropped = if drop_pending {
+            std::mem::take(&mut state.jobs)
+        } else {
+            VecDeque::new()
+        };
+        drop(state);
+        self.work.notify_all();
+        // Dropping a job runs user destructors and wakes callers: never under the lock.
+        drop(dropped);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    /// The next job, blocking while the queue is empty; `None` once it is closed and drained.
+    fn next(&self) -> Option<Job> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state.idle += 1;
+            state = self
+                .work
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+            state.idle -= 1;
+        }
+    }
+
+    pub(crate) fn worker_exited(&self) {
+        let mut state = self.lock();
+        state.live -= 1;
+        let last = state.live == 0;
+        drop(state);
+        if last {
+            self.exited.notify_all();
+        }
+    }
+
+    /// Blocks until every worker exited or `deadline` passes; true when all exited.
+    pub(crate) fn wait_exited(&self, deadline: Option<Instant>) -> bool {
+        let mut state = self.lock();
+        while state.live > 0 {
+            state = match deadline {
+                None => self
+                    .exited
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.exited
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+        true
+    }
+}
+
+/// Counts a worker out when its thread ends, however it ends.
+pub(crate) struct LiveGuard<'a>(pub(crate) &'a Queue);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.worker_exited();
+    }
+}
+
+/// A worker thread's life after its initializer: run jobs until the queue closes and drains.
+pub(crate) fn run_worker(queue: &Queue) {
+    while let Some(job) = queue.next() {
+        job();
+    }
+}

@@ -1,0 +1,127 @@
+//! Push CPU-heavy work off your async event loop, onto threads or (soon) worker processes,
+//! with one API: Python's `concurrent.futures`, done the Rust way.
+//!
+//! # Define a task once
+//!
+//! A task is a function marked `#[offload::task]`. The attribute generates a serializable
+//! task type (named after the function, in `UpperCamelCase`, one field per argument) and
+//! registers it under a stable name, so every backend, including worker processes, can run it.
+//!
+//! ```
+//! #[offload::task]
+//! fn count_primes(lo: u64, hi: u64) -> u64 {
+//!     (lo..hi).filter(|&n| n > 1 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)).count() as u64
+//! }
+//! // The function is unchanged; the task type sits next to it:
+//! let task = CountPrimes { lo: 0, hi: 100 };
+//! assert_eq!(count_primes(0, 100), 25);
+//! ```
+//!
+//! # Submit it, await it
+//!
+//! ```
+//! # #[offload::task] fn count_primes(lo: u64, hi: u64) -> u64 { hi - lo }
+//! use offload::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = offload::ThreadPool::builder().workers(2).build()?;
+//! let primes = pool.submit(CountPrimes { lo: 0, hi: 1_000 }).await?;
+//! # assert_eq!(primes, 1_000);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A [`TaskHandle`] is a future of `Result<T, TaskError>`; the task runs whether or not the
+//! handle is polled. [`TaskError`] is the framework's failure (the task panicked, was
+//! cancelled, its pool shut down, ...); a task that returns `Result<T, E>` gets its own errors
+//! back untouched inside `Ok`. **Dropping a handle cancels its task**; call
+//! [`detach`](TaskHandle::detach) to let it run on. Sync code calls
+//! [`wait`](TaskHandle::wait) or [`wait_timeout`](TaskHandle::wait_timeout) instead of `.await`.
+//!
+//! # Many tasks
+//!
+//! - [`as_completed`]: a stream of `(index, result)` in completion order.
+//! - [`wait`](fn@wait): returns when the first task completes, the first fails, or all are done,
+//!   with an optional timeout, like `concurrent.futures.wait`.
+//! - [`Executor::map`] / [`Executor::map_unordered`]: stream results over any iterator of
+//!   tasks, even an endless one, with a bounded window of work in flight and automatic
+//!   batching of tiny tasks.
+//!
+//! ```
+//! # #[offload::task] fn count_primes(lo: u64, hi: u64) -> u64 { hi - lo }
+//! use futures::StreamExt;
+//! use offload::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = offload::ThreadPool::builder().workers(2).build()?;
+//! let ranges = (0..100u64).map(|i| CountPrimes { lo: i * 1_000, hi: (i + 1) * 1_000 });
+//! let mut results = pool.map(ranges);
+//! let mut total = 0;
+//! while let Some(count) = results.next().await {
+//!     total += count?;
+//! }
+//! # assert_eq!(total, 100_000);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # One trait, any backend
+//!
+//! Write service code against [`Executor`] and pick the backend where the pool is built;
+//! [`Either`] chooses one at run time, from configuration.
+//!
+//! ```
+//! # #[offload::task] fn count_primes(lo: u64, hi: u64) -> u64 { hi - lo }
+//! use offload::prelude::*;
+//!
+//! async fn primes_below(ex: &impl Executor, n: u64) -> Result<u64, TaskError> {
+//!     ex.submit(CountPrimes { lo: 0, hi: n }).await
+//! }
+//! ```
+//!
+//! # Backends
+//!
+//! - [`ThreadPool`] (feature `thread`): a fixed set of OS threads; also runs plain closures
+//!   with [`ThreadPool::submit_fn`]. Cancelling a running task is cooperative:
+//!   the task checks [`is_cancelled`].
+//! - `ProcessPool`: worker processes, so that a crash, an abort or a leak in one task cannot
+//!   take the service down. In progress.
+//!
+//! # Features
+//!
+//! - `thread` (default): [`ThreadPool`].
+//! - `macros` (default): `#[offload::task]`.
+
+pub use offload_core::{
+    as_completed, find_task, is_cancelled, register_task, registered_tasks, wait, AsCompleted,
+    BatchHandle, CancelFlag, Either, Executor, LookupError, Map, MapUnordered, ReturnWhen,
+    SubmitError, Task, TaskEntry, TaskError, TaskHandle, Wait, Waited,
+};
+
+/// For implementing an executor of your own.
+pub use offload_core::backend;
+
+#[cfg(feature = "macros")]
+pub use offload_macros::task;
+
+#[cfg(feature = "thread")]
+pub use offload_thread::{ThreadPool, ThreadPoolBuilder};
+
+/// The thread backend, with its build error.
+#[cfg(feature = "thread")]
+pub mod thread {
+    pub use offload_thread::{BuildError, ThreadPool, ThreadPoolBuilder};
+}
+
+/// The names most code needs: `use offload::prelude::*;`.
+pub mod prelude {
+    pub use offload_core::{Executor, Task, TaskError, TaskHandle};
+}
+
+#[doc(hidden)]
+pub mod __private {
+    //! Used by `#[offload::task]`; not part of the API.
+    pub use offload_core::__private::*;
+}
