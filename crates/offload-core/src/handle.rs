@@ -342,3 +342,131 @@ impl<T> std::fmt::Debug for TaskHandle<T> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread;
+
+    use super::*;
+    use crate::backend::pair;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_completed_task_resolves_its_handle() {
+        let (completer, mut handle) = pair::<u32>("t");
+        assert!(!handle.is_done() && !handle.is_running());
+        assert!(completer.start());
+        assert!(handle.is_running());
+        completer.complete(Ok(7));
+        assert!(handle.is_done() && !handle.is_cancelled());
+        assert_eq!(handle.wait_timeout(LONG), Some(Ok(7)));
+    }
+
+    #[test]
+    fn cancelling_a_queued_task_resolves_at_once_and_it_never_starts() {
+        let (completer, mut handle) = pair::<u32>("t");
+        assert!(handle.cancel());
+        assert!(!handle.cancel(), "a second cancel finds it finished");
+        assert!(handle.is_cancelled() && handle.is_done());
+        assert!(!completer.start(), "a cancelled task must not run");
+        assert!(completer.is_cancelled());
+        completer.complete(Ok(1)); // late results are dropped
+        assert_eq!(
+            handle.wait_timeout(LONG),
+            Some(Err(TaskError::cancelled("t")))
+        );
+    }
+
+    #[test]
+    fn cancelling_a_running_task_raises_its_flag_and_runs_the_backend_hook() {
+        let (completer, handle) = pair::<u32>("t");
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = hooked.clone();
+        completer.on_cancel(move || h.store(true, Ordering::SeqCst));
+        assert!(completer.start());
+        let flag = completer.cancel_flag();
+        assert!(handle.cancel());
+        assert!(flag.is_raised());
+        assert!(hooked.load(Ordering::SeqCst));
+        assert_eq!(handle.wait(), Err(TaskError::cancelled("t")));
+    }
+
+    #[test]
+    fn a_hook_installed_after_the_cancel_runs_at_once() {
+        let (completer, handle) = pair::<u32>("t");
+        drop(handle);
+        let hooked = Arc::new(AtomicBool::new(false));
+        let h = hooked.clone();
+        completer.on_cancel(move || h.store(true, Ordering::SeqCst));
+        assert!(hooked.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn dropping_a_handle_cancels_but_detaching_does_not() {
+        let (dropped, handle) = pair::<u32>("t");
+        drop(handle);
+        assert!(dropped.is_cancelled());
+        assert!(!dropped.start());
+
+        let (detached, handle) = pair::<u32>("t");
+        handle.detach();
+        assert!(!detached.is_cancelled());
+        assert!(detached.start());
+    }
+
+    #[test]
+    fn a_completer_dropped_without_a_result_resolves_shutdown() {
+        let (completer, handle) = pair::<u32>("t");
+        drop(completer);
+        assert_eq!(handle.wait(), Err(TaskError::shutdown("t")));
+    }
+
+    #[test]
+    fn wait_timeout_gives_up_and_keeps_the_handle_usable() {
+        let (completer, mut handle) = pair::<u32>("t");
+        assert_eq!(handle.wait_timeout(Duration::from_millis(20)), None);
+        let worker = thread::spawn(move || completer.complete(Ok(3)));
+        assert_eq!(handle.wait_timeout(LONG), Some(Ok(3)));
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn a_blocked_waiter_is_woken_from_another_thread() {
+        let (completer, handle) = pair::<String>("t");
+        let worker = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            completer.complete(Ok("done".into()));
+        });
+        let mut handle = handle;
+        assert_eq!(handle.wait_timeout(LONG), Some(Ok("done".to_owned())));
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn the_future_resolves_when_completed_from_another_thread() {
+        let (completer, handle) = pair::<u32>("t");
+        let worker = thread::spawn(move || completer.complete(Ok(9)));
+        let result = futures::executor::block_on(handle);
+        assert_eq!(result, Ok(9));
+        worker.join().unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "polled after it returned its result")]
+    fn polling_after_completion_is_a_clear_panic() {
+        let mut handle = TaskHandle::ready("t", Ok(1));
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(Pin::new(&mut handle).poll(&mut cx), Poll::Ready(Ok(1)));
+        let _ = Pin::new(&mut handle).poll(&mut cx);
+    }
+
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<TaskHandle<String>>();
+        send_sync::<crate::backend::Completer<String>>();
+    }
+}

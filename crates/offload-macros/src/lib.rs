@@ -20,8 +20,8 @@ use syn::{parse_macro_input, FnArg, Ident, ItemFn, Pat, ReturnType, Type};
 /// let n = pool.submit(CountPrimes { lo: 0, hi: 1000 }).await?;
 /// ```
 ///
-/// The task type is named after the function in `UpperCamelCase`, with one public field per
-/// argument, and has the function's visibility. The function stays callable as it was.
+/// The task type is named after the function in `UpperCamelCase`, with one field per argument;
+/// the type and its fields have the function's visibility. The function stays callable as it was.
 ///
 /// Arguments and the output must be owned and serializable with serde, since a task may cross
 /// into another process. The function cannot be generic (one registered name cannot stand for
@@ -134,7 +134,7 @@ fn expand(function: &ItemFn) -> syn::Result<TokenStream2> {
         #vis struct #struct_name {
             #(
                 #[doc = #field_docs]
-                pub #names: #types,
+                #vis #names: #types,
             )*
         }
 
