@@ -1,4 +1,5 @@
 //! ThreadPool behaviour on real threads. Every wait is bounded: a hang fails with a message.
+#![allow(clippy::unwrap_used)] // a test fails loudly by design
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
