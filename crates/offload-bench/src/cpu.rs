@@ -1,0 +1,137 @@
+//! The CPU group: real work, where the pool should pay for itself. Eight equal tasks of
+//! calibrated length run one after another on the calling thread, then on a two-worker
+//! `ThreadPool`; the row is serial time / pool time (2.0 is perfect on two workers).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use offload::prelude::*;
+
+use crate::report::{Better, Row};
+use crate::{stats, Settings};
+
+/// Counts the primes in `lo..hi` by trial division: deterministic, CPU-bound, no memory
+/// traffic to speak of.
+#[offload::task]
+fn count_primes(lo: u64, hi: u64) -> u64 {
+    (lo..hi).filter(|&n| is_prime(n)).count() as u64
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+/// Where the counted ranges start: large enough that every number costs the same order of
+/// work, so the cost of a range grows linearly with its length.
+const LO: u64 = 1_000_000_000;
+const TASKS: usize = 8;
+const WORKERS: usize = 2;
+
+/// Runs the CPU group.
+pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
+    if !settings.wants(&["cpu.speedup.thread"]) {
+        return Ok(Vec::new());
+    }
+    let (target, runs) = if settings.quick {
+        (Duration::from_millis(50), 3)
+    } else {
+        (Duration::from_millis(300), 3)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .context("could not build the tokio runtime")?;
+    let pool = offload::ThreadPool::builder()
+        .workers(WORKERS)
+        .build()
+        .context("could not build the offload pool")?;
+
+    let len = calibrate(target);
+    let hi = LO + len;
+    let expected = count_primes(LO, hi);
+
+    let mut speedups = Vec::new();
+    let mut serial_s = Vec::new();
+    let mut pool_s = Vec::new();
+    for run in 0..runs {
+        eprintln!("[cpu] run {}/{runs}", run + 1);
+        let start = Instant::now();
+        for _ in 0..TASKS {
+            let count = count_primes(black_box(LO), black_box(hi));
+            ensure!(count == expected, "serial count changed");
+        }
+        let serial = start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        let counts = rt.block_on(async {
+            let handles: Vec<_> = (0..TASKS)
+                .map(|_| pool.submit(CountPrimes { lo: LO, hi }))
+                .collect();
+            let mut counts = Vec::with_capacity(TASKS);
+            for handle in handles {
+                counts.push(handle.await?);
+            }
+            Ok::<_, TaskError>(counts)
+        })?;
+        let parallel = start.elapsed().as_secs_f64();
+        ensure!(
+            counts.iter().all(|&c| c == expected),
+            "pool count differs from serial"
+        );
+
+        serial_s.push(serial);
+        pool_s.push(parallel);
+        speedups.push(serial / parallel);
+    }
+    pool.join();
+
+    let per_task = stats::median(&serial_s) / TASKS as f64;
+    let note = format!(
+        "{TASKS} tasks of {per_task:.3} s (count_primes over {len} numbers above {LO}) on \
+         {WORKERS} workers: serial {:.2} s, pool {:.2} s (medians)",
+        stats::median(&serial_s),
+        stats::median(&pool_s),
+    );
+    Ok(vec![Row::new(
+        "cpu.speedup.thread",
+        "x",
+        Better::Higher,
+        speedups,
+    )
+    .with_note(note)])
+}
+
+/// The length of a range above [`LO`] whose primes take about `target` to count here.
+fn calibrate(target: Duration) -> u64 {
+    let mut len: u64 = 1_000;
+    loop {
+        let start = Instant::now();
+        black_box(count_primes(black_box(LO), black_box(LO + len)));
+        let elapsed = start.elapsed();
+        // Scale from a measurement long enough to trust (a few timer ticks and a
+        // scheduler hiccup are lost in 20 ms), then once more from near the target.
+        if elapsed >= target / 2 || (elapsed >= Duration::from_millis(20) && len > 1_000) {
+            let scaled = len as f64 * target.as_secs_f64() / elapsed.as_secs_f64();
+            let scaled = (scaled as u64).max(1);
+            if elapsed >= target / 2 {
+                return scaled;
+            }
+            len = scaled;
+        } else {
+            len *= 4;
+        }
+    }
+}
