@@ -36,6 +36,38 @@ pub enum TaskError {
         /// The task's name.
         task: &'static str,
     },
+    /// The worker process running the task died (it exited, aborted, or was killed). Only
+    /// the task(s) it held fail; the pool starts a replacement.
+    #[error("worker {pid} {status} while running `{task}`; the pool started a replacement")]
+    #[non_exhaustive]
+    WorkerCrashed {
+        /// The task's name.
+        task: &'static str,
+        /// The worker's process id.
+        pid: u32,
+        /// How it ended, in words: "was killed by signal 9 (SIGKILL)", "exited with code 3".
+        status: String,
+        /// The signal that killed it, if any.
+        signal: Option<i32>,
+        /// Its exit code, if it exited.
+        code: Option<i32>,
+    },
+    /// No task of this name is registered in the worker program.
+    #[error("task `{task}` is not registered in the worker program; define it with #[offload::task] (or register_task!) in code the worker links")]
+    #[non_exhaustive]
+    UnknownTask {
+        /// The task's name.
+        task: &'static str,
+    },
+    /// The pool cannot run tasks any more: its workers cannot be started.
+    #[error("task `{task}` was not run: the pool is broken ({reason}); fix the cause and build a new pool")]
+    #[non_exhaustive]
+    PoolBroken {
+        /// The task's name.
+        task: &'static str,
+        /// Why the workers cannot be started.
+        reason: String,
+    },
     /// The task's arguments or output could not be serialized or deserialized.
     #[error("task `{task}` could not be (de)serialized: {message}")]
     #[non_exhaustive]
@@ -54,6 +86,9 @@ impl TaskError {
             TaskError::Cancelled { task }
             | TaskError::Panicked { task, .. }
             | TaskError::Shutdown { task }
+            | TaskError::WorkerCrashed { task, .. }
+            | TaskError::UnknownTask { task }
+            | TaskError::PoolBroken { task, .. }
             | TaskError::Serialization { task, .. } => task,
         }
     }
@@ -71,6 +106,11 @@ impl TaskError {
     /// True when the task never ran because its pool shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(self, TaskError::Shutdown { .. })
+    }
+
+    /// True when the worker process running the task died.
+    pub fn is_worker_crash(&self) -> bool {
+        matches!(self, TaskError::WorkerCrashed { .. })
     }
 
     /// The panic message, when the task panicked.
@@ -97,6 +137,37 @@ impl TaskError {
             task,
             message: message.into(),
         }
+    }
+
+    /// A crash error for `task`: worker `pid` ended as `status` says (see
+    /// [`TaskError::WorkerCrashed`]).
+    pub fn worker_crashed(
+        task: &'static str,
+        pid: u32,
+        status: impl Into<String>,
+        signal: Option<i32>,
+        code: Option<i32>,
+    ) -> Self {
+        TaskError::WorkerCrashed {
+            task,
+            pid,
+            status: status.into(),
+            signal,
+            code,
+        }
+    }
+
+    /// A broken-pool error for `task`.
+    pub fn pool_broken(task: &'static str, reason: impl Into<String>) -> Self {
+        TaskError::PoolBroken {
+            task,
+            reason: reason.into(),
+        }
+    }
+
+    /// An unknown-task error for `task`.
+    pub fn unknown_task(task: &'static str) -> Self {
+        TaskError::UnknownTask { task }
     }
 
     /// A codec error for `task`; used by backends that serialize tasks.
@@ -182,16 +253,25 @@ mod tests {
             TaskError::panicked("m::f", "boom"),
             TaskError::shutdown("m::f"),
             TaskError::serialization("m::f", "eof"),
+            TaskError::worker_crashed("m::f", 7, "was killed by signal 9 (SIGKILL)", Some(9), None),
+            TaskError::unknown_task("m::f"),
+            TaskError::pool_broken("m::f", "worker program not found"),
         ];
         for e in errors {
             let text = e.to_string();
-            assert!(text.starts_with("task `m::f`"), "{text}");
+            assert!(text.contains("`m::f`"), "{text}");
             assert!(!text.ends_with('.'), "{text}");
             assert_eq!(e.task_name(), "m::f");
         }
         assert_eq!(
             TaskError::panicked("m::f", "boom").to_string(),
             "task `m::f` panicked: boom"
+        );
+        let crash = TaskError::worker_crashed("m::f", 7, "exited with code 3", None, Some(3));
+        assert!(crash.is_worker_crash());
+        assert_eq!(
+            crash.to_string(),
+            "worker 7 exited with code 3 while running `m::f`; the pool started a replacement"
         );
     }
 

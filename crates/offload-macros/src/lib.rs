@@ -8,7 +8,7 @@ use syn::{parse_macro_input, FnArg, Ident, ItemFn, Pat, ReturnType, Type};
 
 /// Turns a function into a task that any offload executor can run.
 ///
-/// ```ignore
+/// ```text
 /// #[offload::task]
 /// pub fn count_primes(lo: u64, hi: u64) -> u64 { /* ... */ }
 ///

@@ -1,0 +1,353 @@
+//! Framing: each message is a little-endian `u32` length followed by that many bytes of
+//! postcard. The decoder is sans-I/O (the caller reads into its buffer), so the blocking
+//! worker and the async parent share one implementation.
+//!
+//! Limits are checked before anything is allocated: a length over the limit is an error, and
+//! the buffer grows only as bytes actually arrive, so a peer that *claims* a huge frame costs
+//! nothing until it sends the bytes.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Bytes of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// The default limit on one frame: large enough for big payloads, small enough that a broken
+/// peer cannot make us allocate without bound.
+pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
+
+/// How much the decoder asks the socket for at once when it has no frame in progress: many
+/// small frames arrive in one read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A frame could not be encoded or decoded. The connection it came from cannot be trusted
+/// further and must be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A frame's length is over the limit.
+    #[error("frame of {len} bytes is over the limit of {max} bytes; raise the pool's max_frame_size if such payloads are intended")]
+    TooLarge {
+        /// The length the frame claimed (or had, when encoding).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame's bytes are not a valid message.
+    #[error("malformed frame ({len} bytes): {reason}")]
+    Malformed {
+        /// The frame's length.
+        len: usize,
+        /// What postcard reported.
+        reason: String,
+    },
+    /// A message could not be serialized.
+    #[error("could not encode a message: {0}")]
+    Encode(String),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({have} of {want} bytes received)")]
+    Truncated {
+        /// Bytes of the frame received.
+        have: usize,
+        /// Bytes the frame needed (header included).
+        want: usize,
+    },
+}
+
+/// Appends the frame of `message` to `out`, so several frames can go out in one write.
+///
+/// # Errors
+///
+/// [`FrameError::TooLarge`] when the encoding is over `max` (nothing is appended), or
+/// [`FrameError::Encode`].
+pub fn encode<M: Serialize + ?Sized>(
+    message: &M,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), FrameError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER_LEN]);
+    if let Err(e) = postcard::serialize_with_flavor(message, AppendTo(out)) {
+        out.truncate(start);
+        return Err(FrameError::Encode(e.to_string()));
+    }
+    let len = out.len() - start - HEADER_LEN;
+    let prefix = match u32::try_from(len) {
+        Ok(prefix) if len <= max => prefix,
+        _ => {
+            out.truncate(start);
+            return Err(FrameError::TooLarge { len, max });
+        }
+    };
+    out[start..start + HEADER_LEN].copy_from_slice(&prefix.to_le_bytes());
+    Ok(())
+}
+
+/// A postcard flavor that appends to a borrowed `Vec` (postcard's own `AllocVec` owns its
+/// buffer, which would cost a copy per message).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reassembles frames from a byte stream.
+///
+/// ```
+/// use offload_ipc::frame::{encode, FrameDecoder};
+///
+/// let mut wire = Vec::new();
+/// encode(&("hello", 42u32), &mut wire, 1024)?;
+/// let mut decoder = FrameDecoder::new(1024);
+/// let space = decoder.read_buf();
+/// space[..wire.len()].copy_from_slice(&wire);
+/// decoder.filled(wire.len());
+/// let (text, n): (String, u32) = decoder.next_message()?.expect("a whole frame");
+/// assert_eq!((text.as_str(), n), ("hello", 42));
+/// # Ok::<(), offload_ipc::frame::FrameError>(())
+/// ```
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    max: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder that accepts frames of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            max,
+        }
+    }
+
+    /// Changes the frame limit (e.g. after a handshake), keeping every byte already buffered:
+    /// the next frame may have arrived in the same read as the last one.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// Bytes the next complete frame needs in total (header included), once its header is in.
+    fn wanted(&self) -> Option<usize> {
+        let have = &self.buf[self.start..self.end];
+        let header: [u8; HEADER_LEN] = have.get(..HEADER_LEN)?.try_into().ok()?;
+        Some(HEADER_LEN + u32::from_le_bytes(header) as usize)
+    }
+
+    /// Free space to read into. Compacts and grows the buffer as needed, but never by more
+    /// than the bytes a read can actually deliver next.
+    pub fn read_buf(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        let pending = self.end - self.start;
+        let want = match self.wanted() {
+            // Growth follows what has arrived: at most double what the frame has so far.
+            Some(total) => (total - pending).min(pending.max(READ_CHUNK)),
+            None => READ_CHUNK,
+        }
+        .max(HEADER_LEN);
+        if self.buf.len() - self.end < want {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.start = 0;
+                self.end = pending;
+            }
+            if self.buf.len() - self.end < want {
+                self.buf.resize(self.end + want, 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Records that `n` bytes were read into the slice from [`read_buf`](Self::read_buf).
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// The next complete frame's body, if one is buffered.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] as soon as a header claims more than the limit.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let Some(total) = self.wanted() else {
+            return Ok(None);
+        };
+        if total - HEADER_LEN > self.max {
+            return Err(FrameError::TooLarge {
+                len: total - HEADER_LEN,
+                max: self.max,
+            });
+        }
+        if self.end - self.start < total {
+            return Ok(None);
+        }
+        let body = self.start + HEADER_LEN..self.start + total;
+        self.start += total;
+        Ok(Some(&self.buf[body]))
+    }
+
+    /// The next complete frame, decoded as `M`.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`], or [`FrameError::Malformed`] when the bytes are not an `M`.
+    pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+        match self.next_frame()? {
+            None => Ok(None),
+            Some(body) => postcard::from_bytes(body)
+                .map(Some)
+                .map_err(|e| FrameError::Malformed {
+                    len: body.len(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Call at end of stream: an error if a frame was cut short.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::Truncated`] when part of a frame is buffered.
+    pub fn finish(&self) -> Result<(), FrameError> {
+        let have = self.end - self.start;
+        if have == 0 {
+            return Ok(());
+        }
+        Err(FrameError::Truncated {
+            have,
+            want: self.wanted().unwrap_or(HEADER_LEN),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(decoder: &mut FrameDecoder, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let space = decoder.read_buf();
+            let n = space.len().min(bytes.len());
+            space[..n].copy_from_slice(&bytes[..n]);
+            decoder.filled(n);
+            bytes = &bytes[n..];
+        }
+    }
+
+    #[test]
+    fn many_frames_round_trip_through_one_buffer() {
+        let mut wire = Vec::new();
+        for i in 0..1000u32 {
+            encode(&(i, format!("msg {i}")), &mut wire, 1 << 20).unwrap();
+        }
+        let mut decoder = FrameDecoder::new(1 << 20);
+        let mut got = Vec::new();
+        // Feed in awkward pieces to cross frame boundaries.
+        for piece in wire.chunks(7) {
+            feed(&mut decoder, piece);
+            while let Some(m) = decoder.next_message::<(u32, String)>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got.len(), 1000);
+        assert_eq!(got[999], (999, "msg 999".to_owned()));
+        decoder.finish().unwrap();
+    }
+
+    #[test]
+    fn raising_the_limit_keeps_frames_that_arrived_together() {
+        // The handshake answer and the first request often arrive in one read.
+        let mut wire = Vec::new();
+        encode(&1u32, &mut wire, 16).unwrap();
+        encode(&vec![5u8; 100], &mut wire, 1024).unwrap();
+        let mut decoder = FrameDecoder::new(16);
+        feed(&mut decoder, &wire);
+        assert_eq!(decoder.next_message::<u32>().unwrap(), Some(1));
+        decoder.set_max(1024);
+        assert_eq!(
+            decoder.next_message::<Vec<u8>>().unwrap(),
+            Some(vec![5u8; 100])
+        );
+    }
+
+    #[test]
+    fn a_large_frame_is_reassembled() {
+        let blob = vec![7u8; 3 << 20];
+        let mut wire = Vec::new();
+        encode(&blob, &mut wire, 8 << 20).unwrap();
+        let mut decoder = FrameDecoder::new(8 << 20);
+        feed(&mut decoder, &wire);
+        assert_eq!(decoder.next_message::<Vec<u8>>().unwrap(), Some(blob));
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_before_any_allocation() {
+        let mut decoder = FrameDecoder::new(1024);
+        feed(&mut decoder, &u32::MAX.to_le_bytes());
+        let err = decoder.next_frame().unwrap_err();
+        assert_eq!(
+            err,
+            FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 1024
+            }
+        );
+        assert!(
+            decoder.buf.len() <= READ_CHUNK,
+            "no allocation of the claimed size"
+        );
+    }
+
+    #[test]
+    fn a_claimed_size_under_the_limit_still_grows_only_with_the_data() {
+        let mut decoder = FrameDecoder::new(usize::MAX);
+        feed(&mut decoder, &(200_000_000u32).to_le_bytes());
+        feed(&mut decoder, &[0; 100]);
+        assert_eq!(decoder.next_frame().unwrap(), None);
+        assert!(decoder.buf.len() < 4 * READ_CHUNK, "{}", decoder.buf.len());
+        assert!(matches!(
+            decoder.finish(),
+            Err(FrameError::Truncated { have: 104, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_a_malformed_frame_not_a_panic() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&5u32.to_le_bytes());
+        wire.extend_from_slice(&[0xff; 5]);
+        let mut decoder = FrameDecoder::new(1024);
+        feed(&mut decoder, &wire);
+        let err = decoder.next_message::<(u64, String)>().unwrap_err();
+        assert!(matches!(err, FrameError::Malformed { len: 5, .. }), "{err}");
+    }
+
+    #[test]
+    fn encoding_over_the_limit_appends_nothing() {
+        let mut out = b"keep".to_vec();
+        let err = encode(&vec![1u8; 100], &mut out, 10).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 10, .. }));
+        assert_eq!(out, b"keep");
+    }
+}

@@ -1,0 +1,19 @@
+//! offload's interprocess runtime, shared by pools and their worker processes.
+//!
+//! - [`frame`]: length-prefixed postcard frames with a size limit checked before allocation.
+//! - [`protocol`]: every message between a pool and its workers.
+//! - [`handshake`]: token, protocol-version and build checks.
+//! - [`transport`]: socket names and the environment contract of a worker.
+//! - [`worker`]: the blocking worker loop a worker process runs instead of `main`.
+//!
+//! The task registry lives in `offload-core`; the async parent side in `offload-process`.
+//! Users do not depend on this crate directly.
+
+pub mod frame;
+pub mod handshake;
+mod log_forward;
+pub mod protocol;
+pub mod transport;
+pub mod worker;
+
+pub use log_forward::level_to_u8;

@@ -1,0 +1,227 @@
+//! The wire protocol: every message between a pool (the parent) and its workers.
+//!
+//! A worker connects and sends [`Hello`]; the parent answers [`ToWorker::Welcome`] or
+//! [`ToWorker::Refused`] (see [`handshake`](crate::handshake)). Then the parent sends work
+//! and cancels, and the worker sends results and log records, in any interleaving. Requests
+//! carry an `id` chosen by the parent; a worker answers each `Run` / `RunBatch` exactly once.
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change to these types; checked in the handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Length of the per-pool secret a worker must present.
+pub const TOKEN_LEN: usize = 32;
+
+/// Identifies the code on both ends. A worker program built from another version of offload
+/// would decode tasks differently, so the handshake refuses it.
+pub fn build_id() -> String {
+    format!(
+        "offload-ipc {} protocol {PROTOCOL_VERSION}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Bytes that postcard writes as one length and a copy, not element by element.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Blob(pub Vec<u8>);
+
+impl std::fmt::Debug for Blob {
+    // Never log payloads: only their size.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Blob;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+                Ok(Blob(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+                Ok(Blob(v))
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
+
+/// The first message of a worker.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the worker.
+    pub protocol: u32,
+    /// [`build_id`] of the worker.
+    pub build: String,
+    /// The pool's secret, received on the worker's stdin (never on a command line).
+    pub token: [u8; TOKEN_LEN],
+    /// The worker's process id.
+    pub pid: u32,
+}
+
+impl std::fmt::Debug for Hello {
+    // The token never appears in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("protocol", &self.protocol)
+            .field("build", &self.build)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parent to worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// The handshake succeeded.
+    Welcome {
+        /// The most verbose `tracing` level the parent wants forwarded (0 = off, 1 = error,
+        /// ..., 5 = trace).
+        max_log_level: u8,
+        /// The largest frame the parent accepts.
+        max_frame: u64,
+    },
+    /// The handshake failed; the worker prints the reason and exits.
+    Refused {
+        /// Why, for the worker's stderr.
+        reason: String,
+    },
+    /// Run one task.
+    Run {
+        /// Request id.
+        id: u64,
+        /// The task's registered name.
+        task: String,
+        /// The task, postcard-encoded.
+        input: Blob,
+    },
+    /// Run several tasks of one type, in order, answering once.
+    RunBatch {
+        /// Request id.
+        id: u64,
+        /// The tasks' registered name.
+        task: String,
+        /// Each task, postcard-encoded.
+        inputs: Vec<Blob>,
+    },
+    /// The caller cancelled request `id`: skip it if queued, raise its flag if running.
+    Cancel {
+        /// Request id.
+        id: u64,
+    },
+    /// Finish the queued work, then exit.
+    Exit,
+}
+
+/// Worker to parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToParent {
+    /// The first message: who the worker is.
+    Hello(Hello),
+    /// The answer to `Run`.
+    Done {
+        /// Request id.
+        id: u64,
+        /// The output, postcard-encoded, or why there is none.
+        output: Result<Blob, WireError>,
+    },
+    /// The answer to `RunBatch`: one result per task, in order.
+    BatchDone {
+        /// Request id.
+        id: u64,
+        /// One result per task.
+        outputs: Vec<Result<Blob, WireError>>,
+    },
+    /// A `tracing` event emitted in the worker.
+    Log(LogRecord),
+}
+
+/// Why a worker could not produce a task's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireError {
+    /// The task panicked.
+    Panicked(String),
+    /// The task's input or output did not (de)serialize.
+    Serialization(String),
+    /// No task of that name is registered in the worker program.
+    UnknownTask(String),
+    /// The task was cancelled before it ran.
+    Cancelled,
+}
+
+/// A `tracing` event from a worker, to re-emit in the parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The request the event was emitted under, if any.
+    pub request: Option<u64>,
+    /// 1 = error ... 5 = trace.
+    pub level: u8,
+    /// The event's target (usually its module path).
+    pub target: String,
+    /// The `message` field.
+    pub message: String,
+    /// The other fields, formatted.
+    pub fields: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{encode, FrameDecoder};
+
+    #[test]
+    fn messages_round_trip_and_blobs_are_compact() {
+        let run = ToWorker::Run {
+            id: 7,
+            task: "m::f".into(),
+            input: Blob(vec![9; 1000]),
+        };
+        let bytes = postcard::to_stdvec(&run).unwrap();
+        assert!(
+            bytes.len() < 1010,
+            "a blob costs its length plus a few bytes"
+        );
+        assert_eq!(postcard::from_bytes::<ToWorker>(&bytes).unwrap(), run);
+
+        let mut wire = Vec::new();
+        let hello = ToParent::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            build: build_id(),
+            token: [1; TOKEN_LEN],
+            pid: 42,
+        });
+        encode(&hello, &mut wire, 1 << 20).unwrap();
+        let mut decoder = FrameDecoder::new(1 << 20);
+        decoder.read_buf()[..wire.len()].copy_from_slice(&wire);
+        decoder.filled(wire.len());
+        assert_eq!(decoder.next_message::<ToParent>().unwrap(), Some(hello));
+    }
+
+    #[test]
+    fn the_token_and_payloads_stay_out_of_debug_output() {
+        let hello = Hello {
+            protocol: 1,
+            build: "b".into(),
+            token: [0xAB; TOKEN_LEN],
+            pid: 1,
+        };
+        let text = format!("{hello:?}");
+        assert!(
+            !text.contains("171") && !text.to_lowercase().contains("ab, "),
+            "{text}"
+        );
+        assert_eq!(format!("{:?}", Blob(vec![1, 2, 3])), "Blob(3 bytes)");
+    }
+}

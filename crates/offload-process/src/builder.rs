@@ -1,0 +1,156 @@
+//! `ProcessPoolBuilder` and the errors of building a process pool.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use offload_ipc::frame::DEFAULT_MAX_FRAME;
+use offload_ipc::handshake::new_token;
+use offload_ipc::transport::{new_socket_name, worker_socket_from_env};
+
+use crate::pool::ProcessPool;
+use crate::reactor;
+use crate::scheduler::Settings;
+
+/// Configures and builds a [`ProcessPool`].
+///
+/// ```no_run
+/// let pool = offload_process::ProcessPool::builder()
+///     .workers(4)
+///     .build()?;
+/// # Ok::<(), offload_process::BuildError>(())
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct ProcessPoolBuilder {
+    workers: Option<usize>,
+    program: Option<PathBuf>,
+    window: usize,
+    max_frame: usize,
+    startup_timeout: Duration,
+}
+
+impl Default for ProcessPoolBuilder {
+    fn default() -> Self {
+        ProcessPoolBuilder {
+            workers: None,
+            program: None,
+            window: 2,
+            max_frame: DEFAULT_MAX_FRAME,
+            startup_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ProcessPoolBuilder {
+    /// A builder with the defaults: one worker per available CPU, re-executing this program.
+    pub fn new() -> Self {
+        ProcessPoolBuilder::default()
+    }
+
+    /// Number of worker processes. Default: [`std::thread::available_parallelism`].
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Runs workers from this program instead of re-executing the current one. It must call
+    /// `offload::init()` at the top of `main` and link the tasks it is sent.
+    pub fn worker_program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// Requests in flight per worker (default 2): more hides the round trip for tiny tasks,
+    /// fewer keeps long tasks from queueing behind each other on one worker.
+    pub fn in_flight_per_worker(mut self, requests: usize) -> Self {
+        self.window = requests.max(1);
+        self
+    }
+
+    /// The largest message accepted on a worker connection (default 256 MiB). Larger task
+    /// arguments or outputs fail with a serialization error; a peer that sends more is cut off.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// How long `build` waits for every worker to connect (default 10 s).
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Starts the workers and waits until every one has connected and passed the handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::ZeroWorkers`]; [`BuildError::InsideWorker`] when called in a process
+    /// that was started as a worker but did not call `offload::init()`;
+    /// [`BuildError::Startup`] when a worker exits or is refused before connecting (the error
+    /// says how it ended) or the workers do not connect in time; [`BuildError::Io`] when the
+    /// socket or the I/O thread cannot be created.
+    pub fn build(self) -> Result<ProcessPool, BuildError> {
+        if worker_socket_from_env().is_some() {
+            return Err(BuildError::InsideWorker);
+        }
+        let workers = match self.workers {
+            Some(0) => return Err(BuildError::ZeroWorkers),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        };
+        let program = match self.program {
+            Some(program) => program,
+            None => current_program()?,
+        };
+        let token = new_token().map_err(BuildError::Io)?;
+        let socket = new_socket_name().map_err(BuildError::Io)?;
+        let settings = Settings {
+            program,
+            workers,
+            window: self.window,
+            socket,
+            token,
+        };
+        let (commands, thread) = reactor::start(settings, self.max_frame, self.startup_timeout)?;
+        tracing::debug!(workers, "process pool started");
+        Ok(ProcessPool::new_started(
+            commands,
+            thread,
+            workers,
+            self.max_frame,
+        ))
+    }
+}
+
+/// The running program. On Linux `/proc/self/exe`, which stays the binary this process runs
+/// even if the file on disk is replaced during an upgrade.
+fn current_program() -> Result<PathBuf, BuildError> {
+    if cfg!(target_os = "linux") {
+        Ok(PathBuf::from("/proc/self/exe"))
+    } else {
+        std::env::current_exe().map_err(BuildError::Io)
+    }
+}
+
+/// Why a [`ProcessPool`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// `workers(0)`: a pool needs at least one process.
+    #[error("a process pool needs at least one worker; use workers(1) or more")]
+    ZeroWorkers,
+    /// This process was started as a worker, yet it is building a pool: `main` did not call
+    /// `offload::init()` first. Refusing avoids an endless cascade of processes.
+    #[error(
+        "this process was started as an offload worker but is building a pool: call \
+         offload::init() at the top of main, before anything else"
+    )]
+    InsideWorker,
+    /// The workers could not be started or did not connect.
+    #[error("the process pool could not start: {0}")]
+    Startup(String),
+    /// The OS refused a socket, a thread or a random number.
+    #[error("the process pool could not start: {0}")]
+    Io(#[source] std::io::Error),
+}

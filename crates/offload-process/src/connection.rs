@@ -1,0 +1,222 @@
+//! One worker connection: the handshake, then a reader task and a writer task.
+//!
+//! Nothing from the socket is trusted before the handshake: the first frame may be at most
+//! [`HELLO_MAX`] bytes and must arrive within [`HANDSHAKE_TIMEOUT`], and a wrong token closes
+//! the connection without an answer.
+
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::{prelude::*, Stream};
+use offload_ipc::frame::{self, FrameDecoder, FrameError};
+use offload_ipc::handshake::{check_hello, HandshakeError};
+use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// The largest first frame accepted from an unauthenticated peer.
+const HELLO_MAX: usize = 4096;
+
+/// How long a new connection has to introduce itself.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A write gathers queued frames up to this size, so a burst of tiny tasks costs few syscalls.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// What connections and child processes tell the scheduler.
+pub(crate) enum Event {
+    /// A worker passed the handshake; send it work through `writer`.
+    Connected {
+        pid: u32,
+        writer: UnboundedSender<ToWorker>,
+    },
+    /// One of our workers failed the handshake (e.g. another build of offload).
+    Refused {
+        pid: u32,
+        reason: String,
+    },
+    Message {
+        pid: u32,
+        message: ToParent,
+    },
+    /// The connection ended (cleanly or not).
+    Disconnected {
+        pid: u32,
+    },
+    /// A disconnected worker has not exited within its grace period.
+    Stale {
+        pid: u32,
+    },
+    /// The worker process ended; it has been reaped.
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+    },
+}
+
+/// What the handshake needs to know about the pool.
+pub(crate) struct Accept {
+    pub(crate) token: [u8; TOKEN_LEN],
+    pub(crate) max_frame: usize,
+}
+
+/// Serves one accepted connection until it ends.
+pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: UnboundedSender<Event>) {
+    let stream = Arc::new(stream);
+    // The kernel's word on who connected, which a peer cannot forge (unlike its Hello).
+    let peer_pid = stream
+        .peer_creds()
+        .ok()
+        .and_then(|c| c.pid())
+        .and_then(|p| u32::try_from(p).ok());
+    let mut reader = Reader {
+        stream: stream.clone(),
+        decoder: FrameDecoder::new(HELLO_MAX),
+    };
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(ToParent::Hello(hello)))) => hello,
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(_))) => {
+            tracing::warn!(peer.pid = ?peer_pid, "refused a connection to the pool's socket: it did not start with a handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer.pid = ?peer_pid, "refused a connection to the pool's socket: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer.pid = ?peer_pid, "refused a connection to the pool's socket: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let pid = peer_pid.unwrap_or(hello.pid);
+    if let Err(e) = check_hello(&hello, &accept.token) {
+        tracing::warn!(
+            peer.pid = pid,
+            "refused a connection to the pool's socket: {e}"
+        );
+        if !matches!(e, HandshakeError::WrongToken) {
+            let reason = e.to_string();
+            let _ = write_one(
+                &stream,
+                &ToWorker::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            let _ = events.send(Event::Refused { pid, reason });
+        }
+        return;
+    }
+    let welcome = ToWorker::Welcome {
+        max_log_level: parent_log_level(),
+        max_frame: accept.max_frame as u64,
+    };
+    if write_one(&stream, &welcome).await.is_err() {
+        return;
+    }
+    reader.decoder.set_max(accept.max_frame);
+    let (writer, outgoing) = tokio::sync::mpsc::unbounded_channel();
+    if events.send(Event::Connected { pid, writer }).is_err() {
+        return;
+    }
+    tokio::spawn(write_loop(stream, outgoing, accept.max_frame, pid));
+    loop {
+        match reader.next().await {
+            Ok(Some(message)) => {
+                if events.send(Event::Message { pid, message }).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(
+                    worker.pid = pid,
+                    "closing the connection to worker {pid}: {e}"
+                );
+                break;
+            }
+        }
+    }
+    let _ = events.send(Event::Disconnected { pid });
+}
+
+/// The most verbose level the parent's subscriber wants, so workers send nothing that would
+/// be thrown away. Read at each handshake: a subscriber installed later applies to workers
+/// started later.
+fn parent_log_level() -> u8 {
+    tracing::level_filters::LevelFilter::current()
+        .into_level()
+        .map_or(0, offload_ipc::level_to_u8)
+}
+
+async fn write_one(stream: &Stream, message: &ToWorker) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    frame::encode(message, &mut buf, usize::MAX).map_err(std::io::Error::other)?;
+    let mut stream = stream;
+    stream.write_all(&buf).await
+}
+
+/// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
+/// socket fails (the reader then reports the disconnect).
+async fn write_loop(
+    stream: Arc<Stream>,
+    mut outgoing: UnboundedReceiver<ToWorker>,
+    max_frame: usize,
+    pid: u32,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut stream = &*stream;
+    while let Some(message) = outgoing.recv().await {
+        buf.clear();
+        encode(&message, &mut buf, max_frame, pid);
+        while buf.len() < WRITE_BATCH {
+            match outgoing.try_recv() {
+                Ok(message) => encode(&message, &mut buf, max_frame, pid),
+                Err(_) => break,
+            }
+        }
+        if stream.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn encode(message: &ToWorker, buf: &mut Vec<u8>, max_frame: usize, pid: u32) {
+    // Sizes are checked at submit, so this only fails on a bug; the request then fails when
+    // the worker is replaced, rather than hanging.
+    if let Err(e) = frame::encode(message, buf, max_frame) {
+        tracing::error!(worker.pid = pid, "could not encode a request: {e}");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+}
+
+struct Reader {
+    stream: Arc<Stream>,
+    decoder: FrameDecoder,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Option<ToParent>, ReadError> {
+        loop {
+            if let Some(message) = self.decoder.next_message()? {
+                return Ok(Some(message));
+            }
+            let mut stream = &*self.stream;
+            let n = stream.read(self.decoder.read_buf()).await?;
+            if n == 0 {
+                self.decoder.finish()?;
+                return Ok(None);
+            }
+            self.decoder.filled(n);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! `ProcessPool`: submission, shutdown and joining; the `Executor` implementation.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
+use offload_ipc::protocol::Blob;
+
+use crate::job::{self, Job};
+use crate::reactor::Commands;
+use crate::scheduler::Command;
+use crate::ProcessPoolBuilder;
+
+/// Bytes a request adds to its payload on the wire (ids, the task name, lengths).
+const REQUEST_OVERHEAD: usize = 1024;
+
+/// A pool of worker processes that run [tasks](Task).
+///
+/// A crash, an `abort()` or a leak in a task takes down only its worker: the task fails with
+/// [`TaskError::WorkerCrashed`] and the pool starts a replacement. Workers are re-executions
+/// of the running program (or [`worker_program`](ProcessPoolBuilder::worker_program)), which
+/// must call `offload::init()` at the top of `main`.
+///
+/// Cloning is cheap and shares the pool. When the last clone is dropped the pool shuts down
+/// gracefully without blocking; [`join`](Self::join) waits for the workers to exit.
+#[derive(Clone)]
+pub struct ProcessPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    commands: Commands,
+    closed: AtomicBool,
+    next_id: AtomicU64,
+    workers: usize,
+    max_frame: usize,
+    reactor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Graceful and non-blocking; the reactor thread reaps the workers on its own.
+        let _ = self.commands.send(Command::Shutdown { now: false });
+    }
+}
+
+impl ProcessPool {
+    /// A pool with the default settings (one worker per available CPU).
+    ///
+    /// # Errors
+    ///
+    /// See [`ProcessPoolBuilder::build`].
+    pub fn new() -> Result<Self, crate::BuildError> {
+        ProcessPoolBuilder::new().build()
+    }
+
+    /// A builder for the number of workers, the worker program and limits.
+    pub fn builder() -> ProcessPoolBuilder {
+        ProcessPoolBuilder::new()
+    }
+
+    pub(crate) fn new_started(
+        commands: Commands,
+        reactor: JoinHandle<()>,
+        workers: usize,
+        max_frame: usize,
+    ) -> Self {
+        ProcessPool {
+            inner: Arc::new(PoolInner {
+                commands,
+                closed: AtomicBool::new(false),
+                next_id: AtomicU64::new(1),
+                workers,
+                max_frame,
+                reactor: Mutex::new(Some(reactor)),
+            }),
+        }
+    }
+
+    /// Shuts the pool down if it is not already (gracefully: queued work still runs), then
+    /// blocks until every worker has exited and been reaped.
+    pub fn join(&self) {
+        self.join_until(None);
+    }
+
+    /// Like [`join`](Self::join), waiting at most `timeout`. True when everything exited.
+    pub fn join_timeout(&self, timeout: Duration) -> bool {
+        self.join_until(Some(Instant::now() + timeout))
+    }
+
+    fn join_until(&self, deadline: Option<Instant>) -> bool {
+        self.shutdown();
+        let mut slot = self
+            .inner
+            .reactor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(thread) = slot.as_ref() else {
+            return true;
+        };
+        while !thread.is_finished() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Some(thread) = slot.take() {
+            let _ = thread.join();
+        }
+        true
+    }
+
+    /// True once the pool stopped accepting work.
+    pub fn is_shutdown(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A hook that asks the reactor to cancel request `id` where it runs.
+    fn canceller(&self, id: u64) -> impl FnOnce() + Send + 'static {
+        let commands = self.inner.commands.clone();
+        move || {
+            let _ = commands.send(Command::Cancel(id));
+        }
+    }
+
+    fn send(&self, job: Job) {
+        // If the reactor is gone the job is dropped here, which resolves its handle with
+        // `Shutdown`: nobody waits forever.
+        let _ = self.inner.commands.send(Command::Submit(job));
+    }
+
+    fn encode<T: Task>(&self, task: &T) -> Result<Blob, TaskError> {
+        let bytes = postcard::to_stdvec(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
+        let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
+        if bytes.len() > limit {
+            return Err(TaskError::serialization(
+                T::NAME,
+                format!(
+                    "the task is {} bytes, over the pool's max_frame_size of {} bytes",
+                    bytes.len(),
+                    self.inner.max_frame
+                ),
+            ));
+        }
+        Ok(Blob(bytes))
+    }
+}
+
+impl Executor for ProcessPool {
+    fn try_submit<T: Task>(&self, task: T) -> Result<TaskHandle<T::Output>, SubmitError<T>> {
+        if self.is_shutdown() {
+            return Err(SubmitError::shutdown(task));
+        }
+        let input = match self.encode(&task) {
+            Ok(input) => input,
+            Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
+        };
+        let id = self.next_id();
+        let (job, handle) = job::one(id, T::NAME, input, self.canceller(id));
+        self.send(job);
+        Ok(handle)
+    }
+
+    fn try_submit_batch<T: Task>(
+        &self,
+        tasks: Vec<T>,
+    ) -> Result<BatchHandle<T::Output>, SubmitError<Vec<T>>> {
+        if self.is_shutdown() {
+            return Err(SubmitError::shutdown(tasks));
+        }
+        let mut inputs = Vec::with_capacity(tasks.len());
+        let mut total = 0;
+        for task in &tasks {
+            match self.encode(task) {
+                Ok(input) => {
+                    total += input.0.len() + 8;
+                    inputs.push(input);
+                }
+                Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
+            }
+        }
+        if total + REQUEST_OVERHEAD > self.inner.max_frame {
+            let e =
+                TaskError::serialization(T::NAME, "the batch is over the pool's max_frame_size");
+            return Ok(TaskHandle::ready(T::NAME, Err(e)));
+        }
+        let id = self.next_id();
+        let (job, handle) = job::batch(id, T::NAME, inputs, self.canceller(id));
+        self.send(job);
+        Ok(handle)
+    }
+
+    fn workers(&self) -> usize {
+        self.inner.workers
+    }
+
+    fn shutdown(&self) {
+        if !self.inner.closed.swap(true, Ordering::AcqRel) {
+            let _ = self.inner.commands.send(Command::Shutdown { now: false });
+        }
+    }
+
+    fn shutdown_now(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let _ = self.inner.commands.send(Command::Shutdown { now: true });
+    }
+}
+
+impl std::fmt::Debug for ProcessPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPool")
+            .field("workers", &self.inner.workers)
+            .field("shutdown", &self.is_shutdown())
+            .finish()
+    }
+}

@@ -1,0 +1,688 @@
+//! ProcessPool on real processes and real sockets.
+//!
+//! `harness = false`: worker processes are re-executions of this test binary, so `main` must
+//! call `offload_process::init()` before anything else; then it runs the tests itself, each
+//! under a watchdog, and ends with a `N passed, M failed` line.
+
+#![allow(clippy::unwrap_used)] // a test fails loudly by design
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use offload_core::{as_completed, register_task, Executor, Task, TaskError, TaskHandle};
+use offload_process::{BuildError, ProcessPool};
+use serde::{Deserialize, Serialize};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- tasks
+
+macro_rules! task {
+    ($name:ident ($($field:ty),*) -> $out:ty, |$s:ident| $body:expr) => {
+        #[derive(Serialize, Deserialize)]
+        struct $name($($field),*);
+        impl Task for $name {
+            type Output = $out;
+            const NAME: &'static str = concat!("process_pool::", stringify!($name));
+            fn run(self) -> $out {
+                let $s = self;
+                $body
+            }
+        }
+        register_task!($name);
+    };
+}
+
+task!(Pid() -> u32, |_s| std::process::id());
+task!(Square(u64) -> u64, |s| s.0 * s.0);
+task!(Panic(String) -> u32, |s| panic!("{}", s.0));
+task!(Abort() -> u32, |_s| std::process::abort());
+task!(ExitWith(i32) -> u32, |s| std::process::exit(s.0));
+task!(KillSelf() -> u32, |_s| {
+    // SAFETY: kill(2) on our own pid with a valid signal number.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    0
+});
+task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
+task!(Log(String) -> u32, |s| {
+    tracing::info!(answer = 42, "hello from a worker: {}", s.0);
+    std::process::id()
+});
+task!(Print(String) -> (), |s| {
+    println!("{}", s.0);
+    eprintln!("{} (stderr)", s.0);
+});
+
+/// A task type the parent knows but that is not registered (no `register_task!`).
+#[derive(Serialize, Deserialize)]
+struct Unregistered;
+impl Task for Unregistered {
+    type Output = ();
+    const NAME: &'static str = "process_pool::Unregistered";
+    fn run(self) {}
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn pool(workers: usize) -> ProcessPool {
+    ProcessPool::builder().workers(workers).build().unwrap()
+}
+
+fn wait<T>(mut handle: TaskHandle<T>) -> Result<T, TaskError> {
+    handle
+        .wait_timeout(LIMIT)
+        .expect("task did not finish within the limit")
+}
+
+/// Direct children of this process (Linux), from /proc.
+fn children() -> HashSet<u32> {
+    let mut out = HashSet::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// True while `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + LIMIT;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The abstract socket names of this process's pools, from /proc/net/unix.
+fn pool_sockets() -> Vec<String> {
+    let prefix = format!("@offload-{}-", std::process::id());
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|p| p.starts_with(&prefix))
+        .map(|p| p.trim_start_matches('@').to_owned())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Connects to a pool socket as a stranger would.
+fn connect(name: &str) -> interprocess::local_socket::Stream {
+    use interprocess::local_socket::prelude::*;
+    use interprocess::local_socket::{GenericNamespaced, Stream};
+    Stream::connect(name.to_ns_name::<GenericNamespaced>().unwrap()).unwrap()
+}
+
+/// True if the peer closes the connection without sending a byte, within the limit.
+fn closed_by_peer(mut stream: interprocess::local_socket::Stream) -> bool {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = tx.send(stream.read_to_end(&mut buf).map(|_| buf.len()));
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(Ok(n)) => n == 0,
+        Ok(Err(_)) => true, // reset by the peer
+        Err(_) => false,    // still open
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+fn tasks_run_in_worker_processes() {
+    let pool = pool(2);
+    let pid = wait(pool.submit(Pid())).unwrap();
+    assert_ne!(pid, std::process::id());
+    assert!(children().contains(&pid), "the worker is our child");
+    assert_eq!(wait(pool.submit(Square(12))), Ok(144));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn works_from_inside_an_async_runtime() {
+    let pool = pool(2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let total = rt.block_on(async {
+        let handles: Vec<_> = (0..100).map(|i| pool.submit(Square(i))).collect();
+        let mut total = 0;
+        for h in handles {
+            total += tokio::time::timeout(LIMIT, h).await.unwrap().unwrap();
+        }
+        total
+    });
+    assert_eq!(total, (0..100).map(|i| i * i).sum::<u64>());
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_panic_comes_back_as_an_error_and_the_worker_keeps_serving() {
+    let pool = pool(1);
+    let before = wait(pool.submit(Pid())).unwrap();
+    let err = wait(pool.submit(Panic("bad pixel".into()))).unwrap_err();
+    assert_eq!(err.panic_message(), Some("bad pixel"), "{err}");
+    assert_eq!(wait(pool.submit(Pid())), Ok(before), "same worker");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn check_crash(task_error: TaskError, signal: Option<i32>, code: Option<i32>, text: &str) {
+    match &task_error {
+        TaskError::WorkerCrashed {
+            pid,
+            signal: s,
+            code: c,
+            ..
+        } => {
+            assert_eq!((*s, *c), (signal, code), "{task_error}");
+            assert!(
+                task_error
+                    .to_string()
+                    .starts_with(&format!("worker {pid} {text}")),
+                "{task_error}"
+            );
+            assert!(
+                task_error
+                    .to_string()
+                    .ends_with("the pool started a replacement"),
+                "{task_error}"
+            );
+        }
+        other => panic!("expected a worker crash, got {other}"),
+    }
+}
+
+fn a_crashing_worker_fails_only_its_task_and_is_replaced() {
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .in_flight_per_worker(1)
+        .build()
+        .unwrap();
+    let first_pids: HashSet<u32> = children();
+    // Others submitted around the crash all complete.
+    let before: Vec<_> = (0..20).map(|i| pool.submit(Square(i))).collect();
+    let crash = pool.submit(Abort());
+    let after: Vec<_> = (0..20).map(|i| pool.submit(Square(i))).collect();
+    check_crash(
+        wait(crash).unwrap_err(),
+        Some(6),
+        None,
+        "was killed by signal 6 (SIGABRT)",
+    );
+    for (i, h) in before.into_iter().chain(after).enumerate() {
+        let i = (i % 20) as u64;
+        assert_eq!(wait(h), Ok(i * i));
+    }
+    check_crash(
+        wait(pool.submit(KillSelf())).unwrap_err(),
+        Some(9),
+        None,
+        "was killed by signal 9 (SIGKILL)",
+    );
+    check_crash(
+        wait(pool.submit(ExitWith(3))).unwrap_err(),
+        None,
+        Some(3),
+        "exited with code 3",
+    );
+    // Replacements serve; the pool is back to full size with new processes.
+    let results: Vec<_> = (0..50).map(|i| pool.submit(Square(i))).collect();
+    for (i, h) in results.into_iter().enumerate() {
+        assert_eq!(wait(h), Ok((i * i) as u64));
+    }
+    eventually("two live workers", || {
+        children().iter().filter(|p| alive(**p)).count() == 2
+    });
+    assert!(
+        children().iter().any(|p| !first_pids.contains(p)),
+        "a replacement was started"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn an_unregistered_task_is_an_error_that_names_it() {
+    let pool = pool(1);
+    let err = wait(pool.submit(Unregistered)).unwrap_err();
+    assert!(matches!(err, TaskError::UnknownTask { .. }), "{err}");
+    assert!(
+        err.to_string().contains("`process_pool::Unregistered`"),
+        "{err}"
+    );
+    assert_eq!(wait(pool.submit(Square(2))), Ok(4));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn map_and_as_completed_work_across_processes() {
+    let pool = pool(2);
+    let results: Vec<u64> = futures::executor::block_on(async {
+        use futures::StreamExt;
+        pool.map((0..100_000).map(Square))
+            .map(|r| r.unwrap())
+            .collect()
+            .await
+    });
+    assert_eq!(results.len(), 100_000);
+    assert!(results
+        .iter()
+        .enumerate()
+        .all(|(i, r)| *r == (i * i) as u64));
+    let handles: Vec<_> = (0..10).map(|i| pool.submit(Square(i))).collect();
+    let mut seen: Vec<usize> = futures::executor::block_on(async {
+        use futures::StreamExt;
+        as_completed(handles)
+            .map(|(i, r)| {
+                assert_eq!(r, Ok((i * i) as u64));
+                i
+            })
+            .collect()
+            .await
+    });
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn large_payloads_round_trip_and_oversized_ones_are_refused() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_frame_size(16 << 20)
+        .build()
+        .unwrap();
+    let blob: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+    assert_eq!(wait(pool.submit(Echo(blob.clone()))), Ok(blob));
+    let err = wait(pool.submit(Echo(vec![0; 20 << 20]))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("max_frame_size"), "{err}");
+    assert_eq!(
+        wait(pool.submit(Square(3))),
+        Ok(9),
+        "the pool is unaffected"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn strangers_and_garbage_are_refused_and_the_pool_keeps_working() {
+    let pool = pool(1);
+    let sockets = pool_sockets();
+    assert_eq!(sockets.len(), 1, "one pool socket: {sockets:?}");
+    let name = &sockets[0];
+
+    // A well-formed handshake with the wrong token.
+    let hello = offload_ipc::protocol::ToParent::Hello(offload_ipc::protocol::Hello {
+        protocol: offload_ipc::protocol::PROTOCOL_VERSION,
+        build: offload_ipc::protocol::build_id(),
+        token: [7; offload_ipc::protocol::TOKEN_LEN],
+        pid: std::process::id(),
+    });
+    let mut frame = Vec::new();
+    offload_ipc::frame::encode(&hello, &mut frame, 1 << 20).unwrap();
+    let mut stranger = connect(name);
+    stranger.write_all(&frame).unwrap();
+    assert!(closed_by_peer(stranger), "wrong token must be refused");
+
+    // Garbage, and a header claiming 4 GiB.
+    for bytes in [
+        vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5],
+        u32::MAX.to_le_bytes().to_vec(),
+    ] {
+        let mut s = connect(name);
+        s.write_all(&bytes).unwrap();
+        assert!(closed_by_peer(s), "garbage must close the connection");
+    }
+    assert_eq!(wait(pool.submit(Square(5))), Ok(25));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn shutdown_refuses_new_work_and_now_resolves_pending() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .in_flight_per_worker(1)
+        .build()
+        .unwrap();
+    let queued: Vec<_> = (0..200).map(|i| pool.submit(Square(i))).collect();
+    pool.shutdown_now();
+    let refused = pool.try_submit(Square(9)).unwrap_err();
+    assert_eq!(refused.into_task().0, 9);
+    let mut done = 0;
+    for h in queued {
+        match wait(h) {
+            Ok(_) => done += 1,
+            Err(e) => assert!(e.is_shutdown(), "{e}"),
+        }
+    }
+    assert!(done < 200, "shutdown_now dropped the queue");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn dropping_and_joining_leave_no_zombie_and_no_orphan() {
+    let before = children();
+    let joined = pool(3);
+    let workers: HashSet<u32> = children().difference(&before).copied().collect();
+    assert_eq!(workers.len(), 3);
+    wait(joined.submit(Square(1))).unwrap();
+    let copy = joined.clone();
+    drop(joined);
+    assert!(copy.join_timeout(LIMIT));
+    for pid in &workers {
+        assert!(!alive(*pid), "worker {pid} outlived join");
+        assert!(!children().contains(pid), "worker {pid} was not reaped");
+    }
+
+    // Dropping without join: the pool's thread reaps its workers by itself.
+    let before = children();
+    let dropped = pool(2);
+    let workers: HashSet<u32> = children().difference(&before).copied().collect();
+    let started = Instant::now();
+    drop(dropped);
+    assert!(started.elapsed() < Duration::from_secs(1), "drop blocked");
+    eventually("workers reaped after drop", || {
+        workers.iter().all(|p| !children().contains(p))
+    });
+}
+
+fn workers_die_with_their_parent() {
+    let mut parent = Command::new("/proc/self/exe")
+        .env(ROLE, "orphan-parent")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut stdout = parent.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while !line.ends_with('\n') {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "parent ended early");
+        line.push(byte[0] as char);
+    }
+    let workers: Vec<u32> = line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(workers.len(), 2, "{line}");
+    assert!(workers.iter().all(|p| alive(*p)));
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    for pid in workers {
+        assert!(
+            !alive(pid),
+            "worker {pid} outlived its SIGKILLed parent by 2 s"
+        );
+    }
+}
+
+/// Run by `workers_die_with_their_parent` in a child process: start a pool, print the
+/// workers' pids, and wait to be killed.
+fn orphan_parent() {
+    let pool = pool(2);
+    let pids: Vec<String> = children().iter().map(u32::to_string).collect();
+    println!("{}", pids.join(" "));
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(LIMIT);
+    drop(pool);
+}
+
+fn worker_output_reaches_the_parents_streams() {
+    let out = Command::new("/proc/self/exe")
+        .env(ROLE, "printer")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("printed by a worker"), "stdout: {stdout}");
+    assert!(
+        stderr.contains("printed by a worker (stderr)"),
+        "stderr: {stderr}"
+    );
+}
+
+fn printer() {
+    let pool = pool(1);
+    wait(pool.submit(Print("printed by a worker".into()))).unwrap();
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn tracing_events_reach_the_parent_in_a_span_with_pid_and_task() {
+    let pool = pool(1);
+    let pid = wait(pool.submit(Log("ready".into()))).unwrap();
+    eventually("the worker's event", || {
+        LOGS.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("hello from a worker: ready"))
+    });
+    let logs = LOGS.lock().unwrap().clone();
+    let line = logs
+        .iter()
+        .find(|l| l.contains("hello from a worker: ready"))
+        .unwrap();
+    assert!(line.contains(&format!("worker.pid={pid}")), "{line}");
+    assert!(line.contains("task.name=process_pool::Log"), "{line}");
+    assert!(line.contains("answer=42"), "{line}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn misconfiguration_is_a_clear_error() {
+    let err = ProcessPool::builder().workers(0).build().unwrap_err();
+    assert!(matches!(err, BuildError::ZeroWorkers), "{err}");
+    let err = ProcessPool::builder()
+        .worker_program("/nonexistent/offload-worker")
+        .workers(1)
+        .build()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("/nonexistent/offload-worker"),
+        "{err}"
+    );
+    // A program that never calls init(): it exits at once, and build says what to fix.
+    let err = ProcessPool::builder()
+        .worker_program("/bin/true")
+        .workers(1)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("offload::init()"), "{err}");
+}
+
+fn public_types_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<ProcessPool>();
+    send_sync::<BuildError>();
+}
+
+// ---------------------------------------------------------------- runner
+
+const ROLE: &str = "OFFLOAD_TEST_ROLE";
+
+static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// A parent-side subscriber that records each event with the fields of its spans.
+struct Capture;
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
+    }
+    fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut text = String::new();
+        attrs.record(&mut Fields(&mut text));
+        let mut spans = SPANS.lock().unwrap();
+        spans.push(text);
+        tracing::span::Id::from_u64(spans.len() as u64)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut text = CURRENT.with(|c| {
+            let spans = SPANS.lock().unwrap();
+            c.borrow()
+                .iter()
+                .map(|id: &u64| spans[*id as usize - 1].clone())
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
+        event.record(&mut Fields(&mut text));
+        LOGS.lock().unwrap().push(text);
+    }
+    fn enter(&self, id: &tracing::span::Id) {
+        CURRENT.with(|c| c.borrow_mut().push(id.into_u64()));
+    }
+    fn exit(&self, _: &tracing::span::Id) {
+        CURRENT.with(|c| c.borrow_mut().pop());
+    }
+}
+
+static SPANS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+thread_local! {
+    static CURRENT: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+struct Fields<'a>(&'a mut String);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {}={}", field.name(), value);
+    }
+}
+
+fn main() {
+    offload_process::init();
+    match std::env::var(ROLE).as_deref() {
+        Ok("orphan-parent") => return orphan_parent(),
+        Ok("printer") => return printer(),
+        _ => {}
+    }
+    tracing::subscriber::set_global_default(Capture).unwrap();
+
+    let tests: &[(&str, fn())] = &[
+        (
+            "tasks_run_in_worker_processes",
+            tasks_run_in_worker_processes,
+        ),
+        (
+            "works_from_inside_an_async_runtime",
+            works_from_inside_an_async_runtime,
+        ),
+        (
+            "a_panic_comes_back_as_an_error_and_the_worker_keeps_serving",
+            a_panic_comes_back_as_an_error_and_the_worker_keeps_serving,
+        ),
+        (
+            "a_crashing_worker_fails_only_its_task_and_is_replaced",
+            a_crashing_worker_fails_only_its_task_and_is_replaced,
+        ),
+        (
+            "an_unregistered_task_is_an_error_that_names_it",
+            an_unregistered_task_is_an_error_that_names_it,
+        ),
+        (
+            "map_and_as_completed_work_across_processes",
+            map_and_as_completed_work_across_processes,
+        ),
+        (
+            "large_payloads_round_trip_and_oversized_ones_are_refused",
+            large_payloads_round_trip_and_oversized_ones_are_refused,
+        ),
+        (
+            "strangers_and_garbage_are_refused_and_the_pool_keeps_working",
+            strangers_and_garbage_are_refused_and_the_pool_keeps_working,
+        ),
+        (
+            "shutdown_refuses_new_work_and_now_resolves_pending",
+            shutdown_refuses_new_work_and_now_resolves_pending,
+        ),
+        (
+            "dropping_and_joining_leave_no_zombie_and_no_orphan",
+            dropping_and_joining_leave_no_zombie_and_no_orphan,
+        ),
+        (
+            "workers_die_with_their_parent",
+            workers_die_with_their_parent,
+        ),
+        (
+            "worker_output_reaches_the_parents_streams",
+            worker_output_reaches_the_parents_streams,
+        ),
+        (
+            "tracing_events_reach_the_parent_in_a_span_with_pid_and_task",
+            tracing_events_reach_the_parent_in_a_span_with_pid_and_task,
+        ),
+        (
+            "misconfiguration_is_a_clear_error",
+            misconfiguration_is_a_clear_error,
+        ),
+        (
+            "public_types_are_send_and_sync",
+            public_types_are_send_and_sync,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed) = (0, 0);
+    println!("\nrunning {} tests", tests.len());
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let (tx, rx) = mpsc::channel();
+        let test = *test;
+        let finished = Arc::new(AtomicBool::new(false));
+        std::thread::spawn(move || {
+            let result = std::panic::catch_unwind(test);
+            let _ = tx.send(result.is_ok());
+        });
+        // Tests run one at a time: several assert on this process's children.
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(true) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Ok(false) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED (hung for 120 s)");
+                println!("{passed} passed, {} failed", failed + 1);
+                std::process::exit(101);
+            }
+        }
+        finished.store(true, Ordering::Relaxed);
+    }
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(101);
+    }
+}
