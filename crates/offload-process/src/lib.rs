@@ -18,7 +18,7 @@
 //!
 //! # Example
 //!
-//! ```no_run
+//! ```
 //! use offload_core::{Executor, Task};
 //! # use serde::{Serialize, Deserialize};
 //! # #[derive(Serialize, Deserialize)] struct Square(u64);

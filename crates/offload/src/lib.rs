@@ -86,12 +86,30 @@
 //! - [`ThreadPool`] (feature `thread`): a fixed set of OS threads; also runs plain closures
 //!   with [`ThreadPool::submit_fn`]. Cancelling a running task is cooperative:
 //!   the task checks [`is_cancelled`].
-//! - `ProcessPool`: worker processes, so that a crash, an abort or a leak in one task cannot
-//!   take the service down. In progress.
+//! - [`ProcessPool`] (feature `process`): worker processes, so that a crash, an abort or a
+//!   leak in one task cannot take the service down: the task fails with
+//!   [`TaskError::WorkerCrashed`] and the worker is replaced. Workers re-execute your program,
+//!   so `main` must call [`init`] first:
+//!
+//! ```
+//! # #[offload::task] fn count_primes(lo: u64, hi: u64) -> u64 { hi - lo }
+//! use offload::prelude::*;
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     offload::init(); // in a worker process, serves tasks and never returns
+//!
+//!     let pool = offload::ProcessPool::builder().workers(2).build()?;
+//!     let primes = pool.submit(CountPrimes { lo: 0, hi: 1_000 }).wait()?;
+//!     assert_eq!(primes, 1_000);
+//!     pool.join();
+//!     Ok(())
+//! }
+//! ```
 //!
 //! # Features
 //!
 //! - `thread` (default): [`ThreadPool`].
+//! - `process` (default): [`ProcessPool`] and [`init`].
 //! - `macros` (default): `#[offload::task]`.
 
 pub use offload_core::{
@@ -113,6 +131,15 @@ pub use offload_thread::{ThreadPool, ThreadPoolBuilder};
 #[cfg(feature = "thread")]
 pub mod thread {
     pub use offload_thread::{BuildError, ThreadPool, ThreadPoolBuilder};
+}
+
+#[cfg(feature = "process")]
+pub use offload_process::{init, ProcessPool, ProcessPoolBuilder};
+
+/// The process backend, with its build error.
+#[cfg(feature = "process")]
+pub mod process {
+    pub use offload_process::{init, BuildError, ProcessPool, ProcessPoolBuilder};
 }
 
 /// The names most code needs: `use offload::prelude::*;`.
