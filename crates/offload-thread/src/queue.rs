@@ -24,6 +24,13 @@ struct State {
     closed: bool,
     /// Workers blocked on `work`: a push only pays for a wake-up when someone sleeps.
     idle: usize,
+    /// Wake-ups sent but not yet taken by a worker. A notified worker counts as busy at once,
+    /// as in tokio's blocking pool: otherwise every push of a burst would see the same sleeping
+    /// workers and pay for another futex wake.
+    notified: usize,
+    /// Wake-ups sent, for the test that keeps them few.
+    #[cfg(test)]
+    wakes: usize,
     live: usize,
 }
 
@@ -45,7 +52,14 @@ impl Queue {
             return Err(value);
         }
         state.jobs.push_back(make(value));
-        let wake = state.idle > 0;
+        let wake = state.idle > state.notified;
+        if wake {
+            state.notified += 1;
+            #[cfg(test)]
+            {
+                state.wakes += 1;
+            }
+        }
         drop(state);
         if wake {
             self.work.notify_one();
@@ -89,6 +103,8 @@ impl Queue {
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
             state.idle -= 1;
+            // Spurious wake-ups take no notification; `close` wakes everyone without one.
+            state.notified = state.notified.saturating_sub(1);
         }
     }
 
@@ -140,5 +156,53 @@ impl Drop for LiveGuard<'_> {
 pub(crate) fn run_worker(queue: &Queue) {
     while let Some(job) = queue.next() {
         job();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_burst_wakes_each_sleeping_worker_at_most_once() {
+        let queue = Arc::new(Queue::default());
+        let ran = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let queue = queue.clone();
+                queue.add_worker();
+                std::thread::spawn(move || {
+                    let _live = LiveGuard(&queue);
+                    run_worker(&queue);
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.lock().idle < 2 {
+            assert!(Instant::now() < deadline, "workers did not go to sleep");
+            std::thread::yield_now();
+        }
+        for _ in 0..10_000 {
+            let ran = ran.clone();
+            let pushed = queue.try_push((), move |()| {
+                Box::new(move || {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                })
+            });
+            assert!(pushed.is_ok());
+        }
+        let wakes = queue.lock().wakes;
+        queue.close(false);
+        assert!(queue.wait_exited(Some(deadline)));
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 10_000);
+        // Before the fix: one wake per push while a worker slept (thousands).
+        assert!(wakes <= 100, "{wakes} wake-ups for a burst of 10,000 jobs");
     }
 }
