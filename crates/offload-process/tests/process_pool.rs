@@ -342,6 +342,16 @@ fn strangers_and_garbage_are_refused_and_the_pool_keeps_working() {
     let mut stranger = connect(name);
     stranger.write_all(&frame).unwrap();
     assert!(closed_by_peer(stranger), "wrong token must be refused");
+    eventually("the refusal is logged", || {
+        LOGS.lock().unwrap().iter().any(|l| {
+            l.contains("refused a connection to the pool's socket")
+                && l.contains("without the pool's token")
+        })
+    });
+    assert!(
+        !LOGS.lock().unwrap().iter().any(|l| l.contains("7, 7, 7")),
+        "the token never appears in logs"
+    );
 
     // Garbage, and a header claiming 4 GiB.
     for bytes in [

@@ -50,8 +50,7 @@
 //!
 //! ```
 //! # #[offload::task] fn count_primes(lo: u64, hi: u64) -> u64 { hi - lo }
-//! use futures::StreamExt;
-//! use offload::prelude::*;
+//! use offload::prelude::*; // includes StreamExt for `.next()`
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -142,8 +141,10 @@ pub mod process {
     pub use offload_process::{init, BuildError, ProcessPool, ProcessPoolBuilder};
 }
 
-/// The names most code needs: `use offload::prelude::*;`.
+/// The names most code needs: `use offload::prelude::*;`. Includes `futures`' `StreamExt`,
+/// to consume the streams of [`as_completed`] and [`Executor::map`] without another dependency.
 pub mod prelude {
+    pub use futures::StreamExt as _;
     pub use offload_core::{Executor, Task, TaskError, TaskHandle};
 }
 
@@ -152,3 +153,8 @@ pub mod __private {
     //! Used by `#[offload::task]`; not part of the API.
     pub use offload_core::__private::*;
 }
+
+/// The README's examples, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
