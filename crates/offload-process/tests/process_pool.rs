@@ -362,8 +362,62 @@ fn strangers_and_garbage_are_refused_and_the_pool_keeps_working() {
         s.write_all(&bytes).unwrap();
         assert!(closed_by_peer(s), "garbage must close the connection");
     }
+    eventually("the oversized frame is logged", || {
+        LOGS.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("frame of 4294967295 bytes is over the limit"))
+    });
     assert_eq!(wait(pool.submit(Square(5))), Ok(25));
     assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang() {
+    // This binary, run with ROLE=old-worker, speaks protocol 999. Tests run one at a time, so
+    // setting the variable around `build` affects only this pool's children.
+    std::env::set_var(ROLE, "old-worker");
+    let result = ProcessPool::builder()
+        .worker_program("/proc/self/exe")
+        .workers(1)
+        .build();
+    std::env::remove_var(ROLE);
+    let err = result.unwrap_err();
+    assert!(matches!(err, BuildError::Startup(_)), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("worker speaks protocol 999"), "{text}");
+    assert!(text.contains("rebuild the worker program"), "{text}");
+}
+
+/// A worker from "another version": a valid token, a foreign protocol version.
+fn old_worker() {
+    use interprocess::local_socket::prelude::*;
+    use interprocess::local_socket::{GenericNamespaced, Stream};
+    use offload_ipc::protocol::{build_id, Hello, ToParent, ToWorker};
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let token = offload_ipc::handshake::token_from_hex(&line).unwrap();
+    let socket = std::env::var(offload_ipc::transport::ENV_SOCKET).unwrap();
+    let mut stream =
+        Stream::connect(socket.as_str().to_ns_name::<GenericNamespaced>().unwrap()).unwrap();
+    let hello = ToParent::Hello(Hello {
+        protocol: 999,
+        build: build_id(),
+        token,
+        pid: std::process::id(),
+    });
+    let mut frame = Vec::new();
+    offload_ipc::frame::encode(&hello, &mut frame, 1 << 20).unwrap();
+    stream.write_all(&frame).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    let mut decoder = offload_ipc::frame::FrameDecoder::new(1 << 20);
+    decoder.read_buf()[..reply.len()].copy_from_slice(&reply);
+    decoder.filled(reply.len());
+    match decoder.next_message::<ToWorker>() {
+        Ok(Some(ToWorker::Refused { reason })) => eprintln!("old worker refused: {reason}"),
+        other => eprintln!("old worker: unexpected {other:?}"),
+    }
+    std::process::exit(70);
 }
 
 fn shutdown_refuses_new_work_and_now_resolves_pending() {
@@ -586,6 +640,9 @@ impl tracing::field::Visit for Fields<'_> {
 }
 
 fn main() {
+    if std::env::var(ROLE).as_deref() == Ok("old-worker") {
+        return old_worker(); // instead of init(): this one speaks another protocol
+    }
     offload_process::init();
     match std::env::var(ROLE).as_deref() {
         Ok("orphan-parent") => return orphan_parent(),
@@ -650,6 +707,10 @@ fn main() {
         (
             "misconfiguration_is_a_clear_error",
             misconfiguration_is_a_clear_error,
+        ),
+        (
+            "a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang",
+            a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang,
         ),
         (
             "public_types_are_send_and_sync",
