@@ -20,7 +20,7 @@ use crate::frame::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
 use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
-use crate::transport::ENV_PARENT;
+use crate::transport::{ENV_PARENT, ENV_SOCKET};
 
 /// Exit codes of a worker, so the parent can say what went wrong.
 mod exit_code {
@@ -37,6 +37,10 @@ mod exit_code {
 /// Called by `offload::init()` when the worker environment variable is set.
 pub fn run(socket: OsString) -> ! {
     die_with_parent();
+    // A task may start this program again, or build a pool of its own: neither must look
+    // like a worker. `init` runs first in `main`, before other threads read the environment.
+    std::env::remove_var(ENV_SOCKET);
+    std::env::remove_var(ENV_PARENT);
     let code = match serve(&socket) {
         Ok(()) => exit_code::DONE,
         Err(WorkerExit { code, message }) => {

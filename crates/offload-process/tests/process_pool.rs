@@ -48,6 +48,10 @@ task!(KillSelf() -> u32, |_s| {
     0
 });
 task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
+task!(WorkerEnv() -> Vec<String>, |_s| std::env::vars()
+    .map(|(k, _)| k)
+    .filter(|k| k.starts_with("OFFLOAD_WORKER"))
+    .collect());
 task!(Log(String) -> u32, |s| {
     tracing::info!(answer = 42, "hello from a worker: {}", s.0);
     std::process::id()
@@ -159,6 +163,14 @@ fn tasks_run_in_worker_processes() {
     assert_ne!(pid, std::process::id());
     assert!(children().contains(&pid), "the worker is our child");
     assert_eq!(wait(pool.submit(Square(12))), Ok(144));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_worker_clears_its_environment_contract() {
+    // Otherwise a task that starts this program again (or builds a pool) would look like an
+    // uninitialised worker.
+    let pool = pool(1);
+    assert_eq!(wait(pool.submit(WorkerEnv())), Ok(Vec::new()));
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -655,6 +667,10 @@ fn main() {
         (
             "tasks_run_in_worker_processes",
             tasks_run_in_worker_processes,
+        ),
+        (
+            "a_worker_clears_its_environment_contract",
+            a_worker_clears_its_environment_contract,
         ),
         (
             "works_from_inside_an_async_runtime",
