@@ -158,6 +158,10 @@ impl FrameDecoder {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            // After a large frame, give the memory back rather than hold it while idle.
+            if self.buf.len() > 4 * READ_CHUNK {
+                self.buf = Vec::new();
+            }
         }
         let pending = self.end - self.start;
         let want = match self.wanted() {
@@ -299,6 +303,17 @@ mod tests {
         let mut decoder = FrameDecoder::new(8 << 20);
         feed(&mut decoder, &wire);
         assert_eq!(decoder.next_message::<Vec<u8>>().unwrap(), Some(blob));
+    }
+
+    #[test]
+    fn the_buffer_shrinks_back_after_a_large_frame() {
+        let mut wire = Vec::new();
+        encode(&vec![1u8; 1 << 20], &mut wire, 2 << 20).unwrap();
+        let mut decoder = FrameDecoder::new(2 << 20);
+        feed(&mut decoder, &wire);
+        assert!(decoder.next_frame().unwrap().is_some());
+        let _ = decoder.read_buf();
+        assert!(decoder.buf.len() <= READ_CHUNK, "{}", decoder.buf.len());
     }
 
     #[test]

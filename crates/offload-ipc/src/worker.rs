@@ -1,14 +1,14 @@
 //! The worker loop: what a process started as a worker runs instead of `main`.
 //!
 //! Blocking and thread-based on purpose: no async runtime, so a worker stays small and
-//! starts fast. Two threads: the reader takes requests off the socket (and applies cancels at
-//! once, even while a task runs); the main thread runs tasks one at a time and writes results.
-//! Results of tiny tasks are coalesced: they go out in one write when the local queue runs dry.
+//! starts fast. Two threads: the reader takes requests off the socket (many per read) and
+//! applies cancels at once, even while a task runs; the main thread runs tasks one at a time
+//! and writes each result as soon as it is done.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
-use std::sync::mpsc::{self, TryRecvError};
+use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use interprocess::local_socket::prelude::*;
@@ -237,20 +237,12 @@ fn read_requests(mut reader: Reader, work: mpsc::Sender<Request>, cancels: &Mute
     }
 }
 
-/// The main thread: runs requests in order, coalescing the writes of quick results.
+/// The main thread: runs requests in order and answers each as soon as it is done. Results
+/// are not held back to share a write with the next one: the worker cannot know how long the
+/// next task runs, and a quick result must not wait behind a slow task (tiny tasks share
+/// writes through `map`'s batches instead).
 fn run_requests(work: &mpsc::Receiver<Request>, outbox: &Outbox, cancels: &Mutex<Cancels>) {
-    loop {
-        let request = match work.try_recv() {
-            Ok(request) => request,
-            Err(TryRecvError::Empty) => {
-                outbox.flush();
-                match work.recv() {
-                    Ok(request) => request,
-                    Err(mpsc::RecvError) => break,
-                }
-            }
-            Err(TryRecvError::Disconnected) => break,
-        };
+    while let Ok(request) = work.recv() {
         let id = match &request {
             Request::One { id, .. } | Request::Batch { id, .. } => *id,
         };
@@ -277,9 +269,8 @@ fn run_requests(work: &mpsc::Receiver<Request>, outbox: &Outbox, cancels: &Mutex
             }
         };
         lock(cancels).running = None;
-        outbox.queue(reply);
+        outbox.send_result(reply);
     }
-    outbox.flush();
 }
 
 fn run_one(task: &str, input: &Blob, flag: &CancelFlag) -> Result<Blob, WireError> {
@@ -353,7 +344,7 @@ impl Outbox {
         Outbox {
             inner: Mutex::new(OutboxInner {
                 send,
-                buf: Vec::with_capacity(64 * 1024),
+                buf: Vec::with_capacity(KEEP_BUFFER),
                 max_frame,
             }),
         }
@@ -363,57 +354,56 @@ impl Outbox {
         lock(&self.inner).max_frame = max_frame;
     }
 
-    /// Adds a message to the next write.
-    pub(crate) fn queue(&self, message: ToParent) {
+    /// Writes a task's result. An output over the frame limit fails its own request (with a
+    /// serialization error) instead of the connection.
+    pub(crate) fn send_result(&self, message: ToParent) {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
-        match frame::encode(&message, &mut inner.buf, inner.max_frame) {
-            Ok(()) => {}
-            // An output over the limit fails its own request instead of the connection.
-            Err(e) => {
-                let failed = match message {
-                    ToParent::Done { id, .. } => Some(ToParent::Done {
-                        id,
-                        output: Err(WireError::Serialization(e.to_string())),
-                    }),
-                    ToParent::BatchDone { id, outputs } => Some(ToParent::BatchDone {
-                        id,
-                        outputs: outputs
-                            .iter()
-                            .map(|_| Err(WireError::Serialization(e.to_string())))
-                            .collect(),
-                    }),
-                    _ => None,
-                };
-                if let Some(failed) = failed {
-                    let _ = frame::encode(&failed, &mut inner.buf, inner.max_frame);
-                }
+        inner.buf.clear();
+        if let Err(e) = frame::encode(&message, &mut inner.buf, inner.max_frame) {
+            let failed = match message {
+                ToParent::Done { id, .. } => ToParent::Done {
+                    id,
+                    output: Err(WireError::Serialization(e.to_string())),
+                },
+                ToParent::BatchDone { id, outputs } => ToParent::BatchDone {
+                    id,
+                    outputs: outputs
+                        .iter()
+                        .map(|_| Err(WireError::Serialization(e.to_string())))
+                        .collect(),
+                },
+                other => other,
+            };
+            inner.buf.clear();
+            if frame::encode(&failed, &mut inner.buf, inner.max_frame).is_err() {
+                return;
             }
         }
+        write_or_exit(inner);
     }
 
-    /// Writes everything queued. A failed write means the parent is gone: exit.
-    pub(crate) fn flush(&self) {
-        let mut inner = lock(&self.inner);
-        let inner = &mut *inner;
-        if inner.buf.is_empty() {
-            return;
-        }
-        if inner.send.write_all(&inner.buf).is_err() {
-            std::process::exit(exit_code::DONE);
-        }
-        inner.buf.clear();
-    }
-
-    /// Queues and writes at once.
+    /// Writes a message (a handshake, a log record).
     pub(crate) fn send_now(&self, message: &ToParent) {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
-        if frame::encode(message, &mut inner.buf, inner.max_frame).is_ok()
-            && inner.send.write_all(&inner.buf).is_err()
-        {
-            std::process::exit(exit_code::DONE);
-        }
         inner.buf.clear();
+        if frame::encode(message, &mut inner.buf, inner.max_frame).is_ok() {
+            write_or_exit(inner);
+        }
     }
 }
+
+/// Writes the encoded buffer. A failed write means the parent is gone: the worker exits.
+fn write_or_exit(inner: &mut OutboxInner) {
+    let mut send = inner.send;
+    if send.write_all(&inner.buf).is_err() {
+        std::process::exit(exit_code::DONE);
+    }
+    inner.buf.clear();
+    // One large result must not keep its buffer for the worker's whole life.
+    inner.buf.shrink_to(KEEP_BUFFER);
+}
+
+/// Buffer capacity kept between messages.
+const KEEP_BUFFER: usize = 64 * 1024;

@@ -48,6 +48,8 @@ task!(KillSelf() -> u32, |_s| {
     0
 });
 task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
+task!(Make(usize) -> Vec<u8>, |s| vec![1; s.0]);
+task!(Sleep(u64) -> (), |s| std::thread::sleep(Duration::from_millis(s.0)));
 task!(WorkerEnv() -> Vec<String>, |_s| std::env::vars()
     .map(|(k, _)| k)
     .filter(|k| k.starts_with("OFFLOAD_WORKER"))
@@ -171,6 +173,25 @@ fn a_worker_clears_its_environment_contract() {
     // uninitialised worker.
     let pool = pool(1);
     assert_eq!(wait(pool.submit(WorkerEnv())), Ok(Vec::new()));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_quick_result_does_not_wait_behind_the_next_task_on_its_worker() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .in_flight_per_worker(2)
+        .build()
+        .unwrap();
+    let quick = pool.submit(Square(7));
+    let slow = pool.submit(Sleep(5_000));
+    let started = Instant::now();
+    assert_eq!(wait(quick), Ok(49));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the quick result waited {:?} for the slow task behind it",
+        started.elapsed()
+    );
+    assert_eq!(wait(slow), Ok(()));
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -667,6 +688,10 @@ fn main() {
         (
             "tasks_run_in_worker_processes",
             tasks_run_in_worker_processes,
+        ),
+        (
+            "a_quick_result_does_not_wait_behind_the_next_task_on_its_worker",
+            a_quick_result_does_not_wait_behind_the_next_task_on_its_worker,
         ),
         (
             "a_worker_clears_its_environment_contract",
