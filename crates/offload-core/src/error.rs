@@ -38,7 +38,10 @@ pub enum TaskError {
     },
     /// The worker process running the task died (it exited, aborted, or was killed). Only
     /// the task(s) it held fail; the pool starts a replacement.
-    #[error("worker {pid} {status} while running `{task}`; the pool started a replacement")]
+    #[error(
+        "worker {pid} {status} while running `{task}`{}; the pool started a replacement",
+        attempts_note(*.attempts)
+    )]
     #[non_exhaustive]
     WorkerCrashed {
         /// The task's name.
@@ -51,6 +54,22 @@ pub enum TaskError {
         signal: Option<i32>,
         /// Its exit code, if it exited.
         code: Option<i32>,
+        /// How many times the task was run (more than 1 with retries).
+        attempts: u32,
+    },
+    /// The task ran longer than its timeout; its worker was killed and replaced.
+    #[error(
+        "task `{task}` ran longer than its timeout of {timeout:?}{}; its worker was killed and replaced",
+        attempts_note(*.attempts)
+    )]
+    #[non_exhaustive]
+    TimedOut {
+        /// The task's name.
+        task: &'static str,
+        /// The timeout it exceeded.
+        timeout: std::time::Duration,
+        /// How many times the task was run (more than 1 with retries).
+        attempts: u32,
     },
     /// No task of this name is registered in the worker program.
     #[error("task `{task}` is not registered in the worker program; define it with #[offload::task] (or register_task!) in code the worker links")]
@@ -79,6 +98,14 @@ pub enum TaskError {
     },
 }
 
+fn attempts_note(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (after {attempts} attempts)")
+    } else {
+        String::new()
+    }
+}
+
 impl TaskError {
     /// The name of the task this error belongs to.
     pub fn task_name(&self) -> &'static str {
@@ -87,6 +114,7 @@ impl TaskError {
             | TaskError::Panicked { task, .. }
             | TaskError::Shutdown { task }
             | TaskError::WorkerCrashed { task, .. }
+            | TaskError::TimedOut { task, .. }
             | TaskError::UnknownTask { task }
             | TaskError::PoolBroken { task, .. }
             | TaskError::Serialization { task, .. } => task,
@@ -106,6 +134,11 @@ impl TaskError {
     /// True when the task never ran because its pool shut down.
     pub fn is_shutdown(&self) -> bool {
         matches!(self, TaskError::Shutdown { .. })
+    }
+
+    /// True when the task ran longer than its timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, TaskError::TimedOut { .. })
     }
 
     /// True when the worker process running the task died.
@@ -154,7 +187,28 @@ impl TaskError {
             status: status.into(),
             signal,
             code,
+            attempts: 1,
         }
+    }
+
+    /// A timeout error for `task`.
+    pub fn timed_out(task: &'static str, timeout: std::time::Duration) -> Self {
+        TaskError::TimedOut {
+            task,
+            timeout,
+            attempts: 1,
+        }
+    }
+
+    /// The same error, saying the task was run `attempts` times (for crash and timeout
+    /// errors; others are returned unchanged).
+    pub fn with_attempts(mut self, n: u32) -> Self {
+        if let TaskError::WorkerCrashed { attempts, .. } | TaskError::TimedOut { attempts, .. } =
+            &mut self
+        {
+            *attempts = n;
+        }
+        self
     }
 
     /// A broken-pool error for `task`.
@@ -256,6 +310,7 @@ mod tests {
             TaskError::worker_crashed("m::f", 7, "was killed by signal 9 (SIGKILL)", Some(9), None),
             TaskError::unknown_task("m::f"),
             TaskError::pool_broken("m::f", "worker program not found"),
+            TaskError::timed_out("m::f", std::time::Duration::from_millis(5)),
         ];
         for e in errors {
             let text = e.to_string();
@@ -269,6 +324,17 @@ mod tests {
         );
         let crash = TaskError::worker_crashed("m::f", 7, "exited with code 3", None, Some(3));
         assert!(crash.is_worker_crash());
+        assert_eq!(
+            crash.clone().with_attempts(3).to_string(),
+            "worker 7 exited with code 3 while running `m::f` (after 3 attempts); the pool \
+             started a replacement"
+        );
+        let timeout = TaskError::timed_out("m::f", std::time::Duration::from_secs(2));
+        assert!(timeout.is_timeout());
+        assert_eq!(
+            timeout.to_string(),
+            "task `m::f` ran longer than its timeout of 2s; its worker was killed and replaced"
+        );
         assert_eq!(
             crash.to_string(),
             "worker 7 exited with code 3 while running `m::f`; the pool started a replacement"

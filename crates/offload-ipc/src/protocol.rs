@@ -5,6 +5,8 @@
 //! and cancels, and the worker sends results and log records, in any interleaving. Requests
 //! carry an `id` chosen by the parent; a worker answers each `Run` / `RunBatch` exactly once.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
@@ -22,9 +24,33 @@ pub fn build_id() -> String {
     )
 }
 
-/// Bytes that postcard writes as one length and a copy, not element by element.
+/// An encoded task or output: bytes that postcard writes as one length and a copy, not
+/// element by element. Cloning shares the bytes, so the pool can keep a request's payload
+/// (to run it again after its worker was replaced) at no cost.
 #[derive(Clone, PartialEq, Eq, Default)]
-pub struct Blob(pub Vec<u8>);
+pub struct Blob(Arc<Vec<u8>>);
+
+impl Blob {
+    /// Wraps encoded bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Blob(Arc::new(bytes))
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl std::fmt::Debug for Blob {
     // Never log payloads: only their size.
@@ -35,7 +61,7 @@ impl std::fmt::Debug for Blob {
 
 impl Serialize for Blob {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        s.serialize_bytes(self.as_bytes())
     }
 }
 
@@ -48,10 +74,10 @@ impl<'de> Deserialize<'de> for Blob {
                 f.write_str("bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
-                Ok(Blob(v.to_vec()))
+                Ok(Blob::new(v.to_vec()))
             }
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
-                Ok(Blob(v))
+                Ok(Blob::new(v))
             }
         }
         d.deserialize_byte_buf(Visitor)
@@ -92,6 +118,9 @@ pub enum ToWorker {
         max_log_level: u8,
         /// The largest frame the parent accepts.
         max_frame: u64,
+        /// A limit on the worker's data segment (heap) in bytes, applied with
+        /// `setrlimit(RLIMIT_DATA)`: a task that allocates past it fails its worker.
+        memory_limit: Option<u64>,
     },
     /// The handshake failed; the worker prints the reason and exits.
     Refused {
@@ -186,7 +215,7 @@ mod tests {
         let run = ToWorker::Run {
             id: 7,
             task: "m::f".into(),
-            input: Blob(vec![9; 1000]),
+            input: Blob::new(vec![9; 1000]),
         };
         let bytes = postcard::to_stdvec(&run).unwrap();
         assert!(
@@ -222,6 +251,6 @@ mod tests {
             !text.contains("171") && !text.to_lowercase().contains("ab, "),
             "{text}"
         );
-        assert_eq!(format!("{:?}", Blob(vec![1, 2, 3])), "Blob(3 bytes)");
+        assert_eq!(format!("{:?}", Blob::new(vec![1, 2, 3])), "Blob(3 bytes)");
     }
 }

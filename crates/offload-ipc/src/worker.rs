@@ -91,6 +91,28 @@ fn die_with_parent() {
     }
 }
 
+/// Caps the worker's heap. RLIMIT_DATA (Linux 4.7+) counts the heap and private mappings,
+/// not the address space reserved for thread stacks and libraries, so a small limit does not
+/// break a healthy worker. An allocation past it fails, and Rust aborts the worker.
+fn limit_memory(bytes: u64) -> Result<(), WorkerExit> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) };
+    if rc != 0 {
+        return Err(WorkerExit::new(
+            exit_code::NO_PARENT,
+            format!(
+                "cannot set the memory limit: {}",
+                std::io::Error::last_os_error()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     let mut token_line = String::new();
     std::io::stdin()
@@ -126,7 +148,13 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
         Some(ToWorker::Welcome {
             max_log_level,
             max_frame,
-        }) => (max_log_level, max_frame),
+            memory_limit,
+        }) => {
+            if let Some(limit) = memory_limit {
+                limit_memory(limit)?;
+            }
+            (max_log_level, max_frame)
+        }
         Some(ToWorker::Refused { reason }) => {
             return Err(WorkerExit::new(
                 exit_code::NO_PARENT,
@@ -278,11 +306,14 @@ fn run_one(task: &str, input: &Blob, flag: &CancelFlag) -> Result<Blob, WireErro
         return Err(WireError::Cancelled);
     }
     let entry = find_task(task).map_err(|e| WireError::UnknownTask(e.to_string()))?;
-    entry.invoke(&input.0).map(Blob).map_err(|e| match e {
-        TaskError::Panicked { message, .. } => WireError::Panicked(message),
-        TaskError::Serialization { message, .. } => WireError::Serialization(message),
-        other => WireError::Panicked(other.to_string()),
-    })
+    entry
+        .invoke(input.as_bytes())
+        .map(Blob::new)
+        .map_err(|e| match e {
+            TaskError::Panicked { message, .. } => WireError::Panicked(message),
+            TaskError::Serialization { message, .. } => WireError::Serialization(message),
+            other => WireError::Panicked(other.to_string()),
+        })
 }
 
 /// Reads and decodes frames from the parent.

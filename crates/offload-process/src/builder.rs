@@ -8,6 +8,12 @@ use offload_ipc::frame::DEFAULT_MAX_FRAME;
 use offload_ipc::handshake::new_token;
 use offload_ipc::transport::{new_socket_name, worker_socket_from_env};
 
+use std::sync::{Arc, Mutex};
+
+use offload_core::Task;
+use offload_ipc::protocol::Blob;
+
+use crate::job::{check_init, InitOutput, Initializer, TaskOptions};
 use crate::pool::ProcessPool;
 use crate::reactor;
 use crate::scheduler::Settings;
@@ -28,6 +34,11 @@ pub struct ProcessPoolBuilder {
     window: usize,
     max_frame: usize,
     startup_timeout: Duration,
+    cancel_grace: Duration,
+    max_tasks_per_worker: Option<u64>,
+    initializer: Option<Result<Initializer, String>>,
+    memory_limit: Option<u64>,
+    defaults: TaskOptions,
 }
 
 impl Default for ProcessPoolBuilder {
@@ -38,6 +49,11 @@ impl Default for ProcessPoolBuilder {
             window: 2,
             max_frame: DEFAULT_MAX_FRAME,
             startup_timeout: Duration::from_secs(10),
+            cancel_grace: Duration::from_secs(1),
+            max_tasks_per_worker: None,
+            initializer: None,
+            memory_limit: None,
+            defaults: TaskOptions::default(),
         }
     }
 }
@@ -81,6 +97,65 @@ impl ProcessPoolBuilder {
         self
     }
 
+    /// After cancelling a running task (by `cancel()` or dropping its handle), how long the
+    /// task has to notice ([`is_cancelled`](offload_core::is_cancelled)) and return before its
+    /// worker is killed and replaced (default 1 s). The handle resolves at once either way.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.cancel_grace = grace;
+        self
+    }
+
+    /// Replaces each worker after it has served `requests` requests (a `map` batch counts as
+    /// one), like Python's `max_tasks_per_child`: bounds what a leaky task can accumulate.
+    /// Queued work is neither lost nor run twice; the replacement starts at once.
+    pub fn max_tasks_per_worker(mut self, requests: u64) -> Self {
+        self.max_tasks_per_worker = Some(requests.max(1));
+        self
+    }
+
+    /// Runs `task` in each worker before its first task (to load a model, warm a cache, ...).
+    /// It may return `()` or `Result<(), E>`; a panic or an `Err` is a failure. A failure at
+    /// startup fails [`build`](Self::build); later, a few failures in a row break the pool
+    /// (every pending and later task fails with [`TaskError::PoolBroken`](offload_core::TaskError))
+    /// instead of crash-looping.
+    pub fn initializer<T>(mut self, task: T) -> Self
+    where
+        T: Task,
+        T::Output: InitOutput,
+    {
+        self.initializer = Some(
+            postcard::to_stdvec(&task)
+                .map(|bytes| Initializer {
+                    name: T::NAME,
+                    input: Blob::new(bytes),
+                    check: check_init::<T::Output>,
+                })
+                .map_err(|e| format!("the initializer `{}` does not serialize: {e}", T::NAME)),
+        );
+        self
+    }
+
+    /// Caps each worker's heap at `bytes` (Linux: `RLIMIT_DATA`). A task that allocates past
+    /// it kills its worker; the task fails with a crash error that names the limit, and the
+    /// worker is replaced.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The default timeout of every task (see [`TaskOptions::timeout`]); none by default.
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.defaults.timeout = Some(timeout);
+        self
+    }
+
+    /// The default number of retries of every task (see [`TaskOptions::retries`]); 0 by
+    /// default. Only for idempotent tasks.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.defaults.retries = retries;
+        self
+    }
+
     /// Starts the workers and waits until every one has connected and passed the handshake.
     ///
     /// # Errors
@@ -103,6 +178,7 @@ impl ProcessPoolBuilder {
             Some(program) => program,
             None => current_program()?,
         };
+        let initializer = self.initializer.transpose().map_err(BuildError::Startup)?;
         let token = new_token().map_err(BuildError::Io)?;
         let socket = new_socket_name().map_err(BuildError::Io)?;
         let settings = Settings {
@@ -111,14 +187,26 @@ impl ProcessPoolBuilder {
             window: self.window,
             socket,
             token,
+            cancel_grace: self.cancel_grace,
+            max_requests_per_worker: self.max_tasks_per_worker,
+            initializer,
+            memory_limit: self.memory_limit,
         };
-        let (commands, thread) = reactor::start(settings, self.max_frame, self.startup_timeout)?;
+        let stats = Arc::new(Mutex::new(crate::PoolStats::default()));
+        let (commands, thread) = reactor::start(
+            settings,
+            self.max_frame,
+            self.startup_timeout,
+            stats.clone(),
+        )?;
         tracing::debug!(workers, "process pool started");
         Ok(ProcessPool::new_started(
             commands,
             thread,
             workers,
             self.max_frame,
+            self.defaults,
+            stats,
         ))
     }
 }

@@ -53,12 +53,24 @@ pub(crate) enum Event {
         pid: u32,
         status: ExitStatus,
     },
+    /// Request `id`'s timeout ran out (it may have finished meanwhile).
+    Deadline {
+        pid: u32,
+        id: u64,
+        timeout: std::time::Duration,
+    },
+    /// The grace period after cancelling request `id` ran out.
+    CancelGrace {
+        pid: u32,
+        id: u64,
+    },
 }
 
 /// What the handshake needs to know about the pool.
 pub(crate) struct Accept {
     pub(crate) token: [u8; TOKEN_LEN],
     pub(crate) max_frame: usize,
+    pub(crate) memory_limit: Option<u64>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -112,6 +124,7 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     let welcome = ToWorker::Welcome {
         max_log_level: parent_log_level(),
         max_frame: accept.max_frame as u64,
+        memory_limit: accept.memory_limit,
     };
     if write_one(&stream, &welcome).await.is_err() {
         return;

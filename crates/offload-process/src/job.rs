@@ -1,6 +1,8 @@
 //! A submitted task on its way through the pool, with its type erased: the scheduler moves
 //! bytes, and only the [`Reply`] knows the output type to decode.
 
+use std::time::Duration;
+
 use offload_core::backend::Completer;
 use offload_core::{TaskError, TaskHandle};
 use offload_ipc::protocol::{Blob, WireError};
@@ -9,7 +11,10 @@ use serde::de::DeserializeOwned;
 /// Identifies a request on the wire; unique within a pool.
 pub(crate) type RequestId = u64;
 
-/// The task(s) of a job, encoded.
+/// The task(s) of a job, encoded. Cloning shares the bytes: a job keeps its payload until it
+/// completes, to run it again if its worker is replaced before it started (or, with retries,
+/// after a crash).
+#[derive(Clone)]
 pub(crate) enum Payload {
     One(Blob),
     Batch(Vec<Blob>),
@@ -31,11 +36,12 @@ pub(crate) enum Failure {
         signal: Option<i32>,
         code: Option<i32>,
     },
+    TimedOut(Duration),
     Broken(String),
 }
 
 impl Failure {
-    fn into_error(self, name: &'static str) -> TaskError {
+    fn into_error(self, name: &'static str, attempts: u32) -> TaskError {
         match self {
             Failure::Crashed {
                 pid,
@@ -43,8 +49,41 @@ impl Failure {
                 signal,
                 code,
             } => TaskError::worker_crashed(name, pid, status, signal, code),
+            Failure::TimedOut(after) => TaskError::timed_out(name, after),
             Failure::Broken(reason) => TaskError::pool_broken(name, reason),
         }
+        .with_attempts(attempts)
+    }
+}
+
+/// Per-task settings (the pool's defaults unless `submit_with` says otherwise).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskOptions {
+    /// Longest the task may run; past it the worker is killed and the task fails with
+    /// [`TaskError::TimedOut`].
+    pub timeout: Option<Duration>,
+    /// How many times to run the task again if its worker crashes or it times out. Only for
+    /// idempotent tasks: a retried task may have done part of its work already.
+    pub retries: u32,
+}
+
+impl TaskOptions {
+    /// No timeout, no retries.
+    pub fn new() -> Self {
+        TaskOptions::default()
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the number of retries.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
     }
 }
 
@@ -52,15 +91,24 @@ impl Failure {
 pub(crate) trait Reply: Send {
     /// Marks the task running; false when it was cancelled while queued.
     fn start(&self) -> bool;
-    fn finish(self: Box<Self>, outcome: Outcome);
+    /// Completes the handle; `attempts` is how many times the task was run.
+    fn finish(self: Box<Self>, outcome: Outcome, attempts: u32);
 }
 
 pub(crate) struct Job {
     pub(crate) id: RequestId,
     pub(crate) name: &'static str,
-    /// Taken when the job is sent to a worker.
-    pub(crate) payload: Option<Payload>,
+    pub(crate) payload: Payload,
     pub(crate) reply: Box<dyn Reply>,
+    pub(crate) options: TaskOptions,
+    /// Runs that ended in a crash or a timeout.
+    pub(crate) attempts: u32,
+}
+
+impl Job {
+    pub(crate) fn finish(self, outcome: Outcome) {
+        self.reply.finish(outcome, self.attempts);
+    }
 }
 
 fn decode<T: DeserializeOwned>(
@@ -68,7 +116,9 @@ fn decode<T: DeserializeOwned>(
     output: Result<Blob, WireError>,
 ) -> Result<T, TaskError> {
     match output {
-        Ok(blob) => postcard::from_bytes(&blob.0).map_err(|e| TaskError::serialization(name, e)),
+        Ok(blob) => {
+            postcard::from_bytes(blob.as_bytes()).map_err(|e| TaskError::serialization(name, e))
+        }
         Err(e) => Err(wire_error(name, e)),
     }
 }
@@ -89,11 +139,11 @@ impl<T: DeserializeOwned + Send + 'static> Reply for OneReply<T> {
         self.0.start()
     }
 
-    fn finish(self: Box<Self>, outcome: Outcome) {
+    fn finish(self: Box<Self>, outcome: Outcome, attempts: u32) {
         let name = self.0.task_name();
         let result = match outcome {
             Outcome::One(output) => decode(name, output),
-            Outcome::Failed(failure) => Err(failure.into_error(name)),
+            Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::Batch(_) => Err(TaskError::serialization(
                 name,
                 "a batch answer to a single task",
@@ -110,11 +160,11 @@ impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
         self.0.start()
     }
 
-    fn finish(self: Box<Self>, outcome: Outcome) {
+    fn finish(self: Box<Self>, outcome: Outcome, attempts: u32) {
         let name = self.0.task_name();
         let result = match outcome {
             Outcome::Batch(outputs) => Ok(outputs.into_iter().map(|o| decode(name, o)).collect()),
-            Outcome::Failed(failure) => Err(failure.into_error(name)),
+            Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::One(_) => Err(TaskError::serialization(name, "a single answer to a batch")),
         };
         self.0.complete(result);
@@ -126,6 +176,7 @@ pub(crate) fn one<T: DeserializeOwned + Send + 'static>(
     id: RequestId,
     name: &'static str,
     input: Blob,
+    options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
 ) -> (Job, TaskHandle<T>) {
     let (completer, handle) = offload_core::backend::pair(name);
@@ -133,8 +184,10 @@ pub(crate) fn one<T: DeserializeOwned + Send + 'static>(
     let job = Job {
         id,
         name,
-        payload: Some(Payload::One(input)),
+        payload: Payload::One(input),
         reply: Box::new(OneReply(completer)),
+        options,
+        attempts: 0,
     };
     (job, handle)
 }
@@ -144,6 +197,7 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     id: RequestId,
     name: &'static str,
     inputs: Vec<Blob>,
+    options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
 ) -> (Job, TaskHandle<Vec<Result<T, TaskError>>>) {
     let (completer, handle) = offload_core::backend::pair(name);
@@ -151,8 +205,46 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     let job = Job {
         id,
         name,
-        payload: Some(Payload::Batch(inputs)),
+        payload: Payload::Batch(inputs),
         reply: Box::new(BatchReply(completer)),
+        options,
+        attempts: 0,
     };
     (job, handle)
+}
+
+/// The pool's initializer: a task run in each worker before its first task.
+#[derive(Debug, Clone)]
+pub(crate) struct Initializer {
+    pub(crate) name: &'static str,
+    pub(crate) input: Blob,
+    /// Decodes the initializer's output: `Err` with a message when it failed.
+    pub(crate) check: fn(&'static str, Result<Blob, WireError>) -> Result<(), String>,
+}
+
+/// What an initializer may return: `()`, or a `Result` whose error says what went wrong.
+pub trait InitOutput: DeserializeOwned {
+    /// `Err` with a message when initialization failed.
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl InitOutput for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: DeserializeOwned + std::fmt::Display> InitOutput for Result<(), E> {
+    fn into_result(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+pub(crate) fn check_init<O: InitOutput>(
+    name: &'static str,
+    output: Result<Blob, WireError>,
+) -> Result<(), String> {
+    decode::<O>(name, output)
+        .map_err(|e| e.to_string())
+        .and_then(InitOutput::into_result)
 }

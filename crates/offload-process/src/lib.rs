@@ -44,9 +44,12 @@ mod pool;
 mod reactor;
 mod scheduler;
 mod spawner;
+mod stats;
 
 pub use builder::{BuildError, ProcessPoolBuilder};
+pub use job::{InitOutput, TaskOptions};
 pub use pool::ProcessPool;
+pub use stats::PoolStats;
 
 /// Turns a process started as a worker into one: it serves tasks and exits when its pool is
 /// done, never returning. In any other process it returns at once and costs nothing.

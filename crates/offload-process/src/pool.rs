@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 use offload_ipc::protocol::Blob;
 
-use crate::job::{self, Job};
+use crate::job::{self, Job, TaskOptions};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
+use crate::PoolStats;
 use crate::ProcessPoolBuilder;
 
 /// Bytes a request adds to its payload on the wire (ids, the task name, lengths).
@@ -36,6 +37,8 @@ struct PoolInner {
     next_id: AtomicU64,
     workers: usize,
     max_frame: usize,
+    defaults: TaskOptions,
+    stats: Arc<Mutex<PoolStats>>,
     reactor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -66,6 +69,8 @@ impl ProcessPool {
         reactor: JoinHandle<()>,
         workers: usize,
         max_frame: usize,
+        defaults: TaskOptions,
+        stats: Arc<Mutex<PoolStats>>,
     ) -> Self {
         ProcessPool {
             inner: Arc::new(PoolInner {
@@ -74,9 +79,49 @@ impl ProcessPool {
                 next_id: AtomicU64::new(1),
                 workers,
                 max_frame,
+                defaults,
+                stats,
                 reactor: Mutex::new(Some(reactor)),
             }),
         }
+    }
+
+    /// Submits a task with its own [`TaskOptions`] (timeout, retries) instead of the pool's
+    /// defaults. On a pool that was shut down the handle resolves with
+    /// [`TaskError::Shutdown`].
+    pub fn submit_with<T: Task>(&self, task: T, options: TaskOptions) -> TaskHandle<T::Output> {
+        match self.submit_one(task, options) {
+            Ok(handle) => handle,
+            Err(_) => TaskHandle::ready(T::NAME, Err(TaskError::shutdown(T::NAME))),
+        }
+    }
+
+    /// What the pool is doing: queued and running requests, completions, failures, crashes,
+    /// restarts and live workers.
+    pub fn stats(&self) -> PoolStats {
+        *self
+            .inner
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn submit_one<T: Task>(
+        &self,
+        task: T,
+        options: TaskOptions,
+    ) -> Result<TaskHandle<T::Output>, SubmitError<T>> {
+        if self.is_shutdown() {
+            return Err(SubmitError::shutdown(task));
+        }
+        let input = match self.encode(&task) {
+            Ok(input) => input,
+            Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
+        };
+        let id = self.next_id();
+        let (job, handle) = job::one(id, T::NAME, input, options, self.canceller(id));
+        self.send(job);
+        Ok(handle)
     }
 
     /// Shuts the pool down if it is not already (gracefully: queued work still runs), then
@@ -148,23 +193,13 @@ impl ProcessPool {
                 ),
             ));
         }
-        Ok(Blob(bytes))
+        Ok(Blob::new(bytes))
     }
 }
 
 impl Executor for ProcessPool {
     fn try_submit<T: Task>(&self, task: T) -> Result<TaskHandle<T::Output>, SubmitError<T>> {
-        if self.is_shutdown() {
-            return Err(SubmitError::shutdown(task));
-        }
-        let input = match self.encode(&task) {
-            Ok(input) => input,
-            Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
-        };
-        let id = self.next_id();
-        let (job, handle) = job::one(id, T::NAME, input, self.canceller(id));
-        self.send(job);
-        Ok(handle)
+        self.submit_one(task, self.inner.defaults)
     }
 
     fn try_submit_batch<T: Task>(
@@ -179,7 +214,7 @@ impl Executor for ProcessPool {
         for task in &tasks {
             match self.encode(task) {
                 Ok(input) => {
-                    total += input.0.len() + 8;
+                    total += input.len() + 8;
                     inputs.push(input);
                 }
                 Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
@@ -191,7 +226,8 @@ impl Executor for ProcessPool {
             return Ok(TaskHandle::ready(T::NAME, Err(e)));
         }
         let id = self.next_id();
-        let (job, handle) = job::batch(id, T::NAME, inputs, self.canceller(id));
+        let (job, handle) =
+            job::batch(id, T::NAME, inputs, self.inner.defaults, self.canceller(id));
         self.send(job);
         Ok(handle)
     }

@@ -2,7 +2,7 @@
 //! workers and the scheduler. Owning it makes the pool work from sync code and from any async
 //! runtime (or none), and keeps pool I/O off the caller's runtime.
 
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::connection::{self, Accept, Event};
 use crate::scheduler::{Command, Scheduler, Settings, Startup};
-use crate::BuildError;
+use crate::{BuildError, PoolStats};
 
 /// How commands reach the reactor.
 pub(crate) type Commands = UnboundedSender<Command>;
@@ -22,6 +22,7 @@ pub(crate) fn start(
     settings: Settings,
     max_frame: usize,
     startup_timeout: Duration,
+    stats: Arc<Mutex<PoolStats>>,
 ) -> Result<(Commands, JoinHandle<()>), BuildError> {
     let (commands, incoming) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -44,6 +45,7 @@ pub(crate) fn start(
                 startup_timeout,
                 incoming,
                 ready_tx,
+                stats,
             ));
         })
         .map_err(BuildError::Io)?;
@@ -68,6 +70,7 @@ async fn run(
     startup_timeout: Duration,
     mut commands: UnboundedReceiver<Command>,
     ready: std_mpsc::Sender<Result<(), BuildError>>,
+    stats: Arc<Mutex<PoolStats>>,
 ) {
     let listener = match settings
         .socket
@@ -84,9 +87,10 @@ async fn run(
     let accept = Arc::new(Accept {
         token: settings.token,
         max_frame,
+        memory_limit: settings.memory_limit,
     });
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let mut scheduler = Scheduler::new(settings, events_tx.clone());
+    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats);
     scheduler.replenish();
     let mut ready = Some(ready);
     let startup_deadline = tokio::time::sleep(startup_timeout);
@@ -115,6 +119,7 @@ async fn run(
             }
         }
         scheduler.dispatch();
+        scheduler.flush();
         if scheduler.finished() {
             break;
         }
@@ -156,9 +161,13 @@ async fn run(
         }
     }
     // Reap whatever is left (killed above, or exiting), so no zombie outlives the pool.
+    scheduler.flush();
     while scheduler.has_workers() {
         match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
-            Ok(Some(event)) => scheduler.on_event(event),
+            Ok(Some(event)) => {
+                scheduler.on_event(event);
+                scheduler.flush();
+            }
             _ => {
                 scheduler.kill_all();
                 break;

@@ -1,10 +1,23 @@
-//! The scheduler: one central queue, a small in-flight window per worker, and supervision
-//! (a dead worker fails only the requests it held, and is replaced).
+//! The scheduler: one central queue, a small in-flight window per worker, and supervision.
 //!
 //! It runs on the pool's reactor thread and owns all pool state, so none of it is locked.
+//!
+//! A worker runs its requests one at a time, in the order it got them, and answers each before
+//! starting the next. So the front of a worker's `sent` list is the request it is running, and
+//! everything behind it has not started. That gives the supervisor its rules:
+//! - a crash fails (or, with retries, re-runs) the front request only, and puts the requests
+//!   behind it back at the head of the queue: they never ran;
+//! - a timeout or a cancel that outlives its grace period kills the worker only if the request
+//!   is at the front, i.e. really running.
+//!
+//! A worker is done with only when both its exit status (from its reaper thread) and the end of
+//! its connection (from its reader) have arrived: results it wrote before dying must be read
+//! before its remaining requests are judged lost.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
@@ -12,15 +25,19 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::connection::Event;
 use crate::forward;
-use crate::job::{Failure, Job, Outcome, Payload, RequestId};
+use crate::job::{Failure, Initializer, Job, Outcome, Payload, RequestId};
 use crate::spawner::{self, Killer};
+use crate::PoolStats;
 
 /// How long a worker whose connection ended may take to exit before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 
-/// After this many workers in a row die before connecting, the pool is broken: starting more
-/// would only be a crash loop.
+/// After this many workers in a row fail to start (die before connecting, or fail the
+/// initializer), the pool is broken: starting more would only be a crash loop.
 const MAX_START_FAILURES: u32 = 3;
+
+/// Ids of the scheduler's own requests (initializers), apart from the pool's.
+const INTERNAL_IDS: RequestId = 1 << 63;
 
 /// What the pool's handles send to the reactor.
 pub(crate) enum Command {
@@ -35,16 +52,45 @@ pub(crate) struct Settings {
     pub(crate) window: usize,
     pub(crate) socket: String,
     pub(crate) token: [u8; TOKEN_LEN],
+    pub(crate) cancel_grace: Duration,
+    pub(crate) max_requests_per_worker: Option<u64>,
+    pub(crate) initializer: Option<Initializer>,
+    pub(crate) memory_limit: Option<u64>,
+}
+
+/// Why the scheduler killed a worker on purpose.
+#[derive(Clone, Copy)]
+enum Kill {
+    TimedOut(Duration),
+    Cancelled,
 }
 
 struct Worker {
     /// `None` until the handshake, and again once the connection ended.
     writer: Option<UnboundedSender<ToWorker>>,
-    in_flight: usize,
     connected: bool,
-    /// Asked to exit (shutdown): its end is not a crash.
+    disconnected: bool,
+    status: Option<ExitStatus>,
+    /// Asked to exit (shutdown, recycling, failed initializer): its end is not a crash.
     retiring: bool,
     killer: Killer,
+    /// Requests sent and not answered, in order: the front one is running.
+    sent: VecDeque<RequestId>,
+    /// Requests ever sent, for recycling.
+    served: u64,
+    /// The initializer's request while it runs; no work is sent before it succeeds.
+    init: Option<RequestId>,
+    kill: Option<Kill>,
+}
+
+impl Worker {
+    fn can_take_work(&self, window: usize, max: Option<u64>) -> bool {
+        self.writer.is_some()
+            && !self.retiring
+            && self.init.is_none()
+            && self.sent.len() < window
+            && max.is_none_or(|max| self.served < max)
+    }
 }
 
 /// How startup went, for `build`.
@@ -65,11 +111,21 @@ pub(crate) struct Scheduler {
     /// Why the last worker failed to start, for the error a user sees.
     last_start_error: Option<String>,
     broken: Option<String>,
+    next_internal_id: RequestId,
+    stats: PoolStats,
+    published: Arc<Mutex<PoolStats>>,
+    /// Jobs settled in this turn of the reactor, resolved by `flush` after the stats that
+    /// count them are published: a caller who has a result sees it counted.
+    settled: Vec<(Job, Outcome)>,
     pub(crate) startup: Startup,
 }
 
 impl Scheduler {
-    pub(crate) fn new(settings: Settings, events: UnboundedSender<Event>) -> Self {
+    pub(crate) fn new(
+        settings: Settings,
+        events: UnboundedSender<Event>,
+        published: Arc<Mutex<PoolStats>>,
+    ) -> Self {
         Scheduler {
             settings,
             events,
@@ -80,14 +136,21 @@ impl Scheduler {
             start_failures: 0,
             last_start_error: None,
             broken: None,
+            next_internal_id: INTERNAL_IDS,
+            stats: PoolStats::default(),
+            published,
+            settled: Vec::new(),
             startup: Startup::Starting,
         }
     }
 
-    /// Starts workers up to the pool's size.
+    /// Starts workers up to the pool's size (retiring workers do not count).
     pub(crate) fn replenish(&mut self) {
         let needed = self.shutdown.is_none() || !self.queue.is_empty();
-        while needed && self.broken.is_none() && self.workers.len() < self.settings.workers {
+        while needed
+            && self.broken.is_none()
+            && self.workers.values().filter(|w| !w.retiring).count() < self.settings.workers
+        {
             let events = self.events.clone();
             let spawned = spawner::spawn(
                 &self.settings.program,
@@ -100,14 +163,22 @@ impl Scheduler {
             match spawned {
                 Ok((pid, killer)) => {
                     tracing::debug!(worker.pid = pid, "worker started");
+                    if !matches!(self.startup, Startup::Starting) {
+                        self.stats.restarts += 1;
+                    }
                     self.workers.insert(
                         pid,
                         Worker {
                             writer: None,
-                            in_flight: 0,
                             connected: false,
+                            disconnected: false,
+                            status: None,
                             retiring: false,
                             killer,
+                            sent: VecDeque::new(),
+                            served: 0,
+                            init: None,
+                            kill: None,
                         },
                     );
                 }
@@ -123,22 +194,15 @@ impl Scheduler {
         match command {
             Command::Submit(job) => {
                 if let Some(reason) = &self.broken {
-                    job.reply
-                        .finish(Outcome::Failed(Failure::Broken(reason.clone())));
+                    let failure = Failure::Broken(reason.clone());
+                    self.fail(job, failure);
                 } else if self.shutdown == Some(true) {
                     drop(job); // resolves its handle with `Shutdown`
                 } else {
                     self.queue.push_back(job);
                 }
             }
-            Command::Cancel(id) => {
-                // Queued jobs need nothing: their handle is resolved and `start` will refuse.
-                if let Some((pid, _)) = self.in_flight.get(&id) {
-                    if let Some(writer) = self.workers.get(pid).and_then(|w| w.writer.as_ref()) {
-                        let _ = writer.send(ToWorker::Cancel { id });
-                    }
-                }
-            }
+            Command::Cancel(id) => self.cancel(id),
             Command::Shutdown { now } => {
                 let now = now || self.shutdown == Some(true);
                 self.shutdown = Some(now);
@@ -150,33 +214,46 @@ impl Scheduler {
         }
     }
 
+    /// The caller cancelled request `id`. Queued: nothing to do, its handle is resolved and
+    /// `start` will refuse it. Sent: the worker skips it, or raises its flag if it runs; if it
+    /// still runs after the grace period, the worker is killed.
+    fn cancel(&mut self, id: RequestId) {
+        let Some(&(pid, _)) = self.in_flight.get(&id) else {
+            return;
+        };
+        if let Some(writer) = self.workers.get(&pid).and_then(|w| w.writer.as_ref()) {
+            let _ = writer.send(ToWorker::Cancel { id });
+        }
+        self.after(self.settings.cancel_grace, Event::CancelGrace { pid, id });
+    }
+
+    /// Delivers `event` to the scheduler after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
     pub(crate) fn on_event(&mut self, event: Event) {
         match event {
-            Event::Connected { pid, writer } => match self.workers.get_mut(&pid) {
-                Some(worker) if !worker.connected => {
-                    worker.connected = true;
-                    worker.writer = Some(writer);
-                    self.start_failures = 0;
-                    tracing::debug!(worker.pid = pid, "worker connected");
-                }
-                _ => tracing::warn!(
-                    worker.pid = pid,
-                    "a process that is not a worker of this pool presented its token; ignored"
-                ),
-            },
+            Event::Connected { pid, writer } => self.on_connected(pid, writer),
             Event::Refused { pid, reason } => {
-                self.last_start_error = Some(reason);
-                let _ = pid;
+                if self.workers.contains_key(&pid) {
+                    self.last_start_error = Some(reason);
+                }
             }
             Event::Message { pid, message } => self.on_message(pid, message),
             Event::Disconnected { pid } => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
                     worker.writer = None;
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(EXIT_GRACE).await;
-                        let _ = events.send(Event::Stale { pid });
-                    });
+                    worker.disconnected = true;
+                    if worker.status.is_some() {
+                        self.finalize(pid);
+                    } else {
+                        self.after(EXIT_GRACE, Event::Stale { pid });
+                    }
                 }
             }
             Event::Stale { pid } => {
@@ -188,8 +265,48 @@ impl Scheduler {
                     worker.killer.kill();
                 }
             }
-            Event::Exited { pid, status } => self.on_exit(pid, status),
+            Event::Exited { pid, status } => {
+                if let Some(worker) = self.workers.get_mut(&pid) {
+                    worker.status = Some(status);
+                    // A worker that never got its connection has nothing left to read.
+                    if worker.disconnected || worker.writer.is_none() {
+                        self.finalize(pid);
+                    }
+                }
+            }
+            Event::Deadline { pid, id, timeout } => {
+                self.kill_if_running(pid, id, Kill::TimedOut(timeout))
+            }
+            Event::CancelGrace { pid, id } => self.kill_if_running(pid, id, Kill::Cancelled),
         }
+    }
+
+    fn on_connected(&mut self, pid: u32, writer: UnboundedSender<ToWorker>) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            tracing::warn!(
+                worker.pid = pid,
+                "a process that is not a worker of this pool presented its token; ignored"
+            );
+            return;
+        };
+        if worker.connected {
+            return;
+        }
+        worker.connected = true;
+        tracing::debug!(worker.pid = pid, "worker connected");
+        if let Some(init) = &self.settings.initializer {
+            let id = self.next_internal_id;
+            self.next_internal_id += 1;
+            let _ = writer.send(ToWorker::Run {
+                id,
+                task: init.name.to_owned(),
+                input: init.input.clone(),
+            });
+            worker.init = Some(id);
+        } else {
+            self.start_failures = 0;
+        }
+        worker.writer = Some(writer);
     }
 
     fn on_message(&mut self, pid: u32, message: ToParent) {
@@ -200,7 +317,8 @@ impl Scheduler {
                 let task = record
                     .request
                     .and_then(|id| self.in_flight.get(&id))
-                    .map(|(_, job)| job.name);
+                    .map(|(_, job)| job.name)
+                    .or(self.settings.initializer.as_ref().map(|i| i.name));
                 forward::emit(pid, task, &record);
                 return;
             }
@@ -212,81 +330,257 @@ impl Scheduler {
                 return;
             }
         };
-        match self.in_flight.remove(&id) {
-            Some((owner, job)) if owner == pid => {
-                if let Some(worker) = self.workers.get_mut(&pid) {
-                    worker.in_flight -= 1;
-                }
-                job.reply.finish(outcome);
-            }
-            Some(other) => {
-                tracing::warn!(
-                    worker.pid = pid,
-                    "worker {pid} answered a request it was not given; ignored"
-                );
-                self.in_flight.insert(id, other);
-            }
-            None => tracing::warn!(
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if worker.init == Some(id) {
+            self.on_init_done(pid, outcome);
+            return;
+        }
+        let Some(position) = worker.sent.iter().position(|&s| s == id) else {
+            tracing::warn!(
                 worker.pid = pid,
-                "worker {pid} answered an unknown request; ignored"
-            ),
+                "worker {pid} answered a request it was not given; ignored"
+            );
+            return;
+        };
+        worker.sent.remove(position);
+        if let Some((_, job)) = self.in_flight.remove(&id) {
+            let ok = match &outcome {
+                Outcome::One(r) => r.is_ok(),
+                Outcome::Batch(rs) => rs.iter().all(Result::is_ok),
+                Outcome::Failed(_) => false,
+            };
+            if ok {
+                self.stats.completed += 1;
+            } else {
+                self.stats.failed += 1;
+            }
+            self.settled.push((job, outcome));
+        }
+        self.arm_front(pid);
+        self.recycle_if_due(pid);
+    }
+
+    fn on_init_done(&mut self, pid: u32, outcome: Outcome) {
+        let Some(init) = &self.settings.initializer else {
+            return;
+        };
+        let result = match outcome {
+            Outcome::One(output) => (init.check)(init.name, output),
+            _ => Err("the initializer got a malformed answer".to_owned()),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(worker) = self.workers.get_mut(&pid) {
+                    worker.init = None;
+                }
+                self.start_failures = 0;
+            }
+            Err(message) => {
+                let reason = format!("the pool initializer `{}` failed: {message}", init.name);
+                tracing::warn!(worker.pid = pid, "{reason}");
+                self.last_start_error = Some(reason);
+                self.retire(pid);
+                self.start_failed();
+            }
         }
     }
 
-    fn on_exit(&mut self, pid: u32, status: std::process::ExitStatus) {
+    /// A worker failed to start (died before connecting or failed its initializer).
+    fn start_failed(&mut self) {
+        self.start_failures += 1;
+        let reason = self
+            .last_start_error
+            .clone()
+            .unwrap_or_else(|| "a worker failed to start".to_owned());
+        if matches!(self.startup, Startup::Starting) || self.start_failures >= MAX_START_FAILURES {
+            let reason = if self.start_failures > 1 {
+                format!("{reason} ({} times in a row)", self.start_failures)
+            } else {
+                reason
+            };
+            self.break_pool(reason);
+        }
+    }
+
+    /// Starts the timeout of the request now at the front of a worker (now running).
+    fn arm_front(&mut self, pid: u32) {
+        let Some(&id) = self.workers.get(&pid).and_then(|w| w.sent.front()) else {
+            return;
+        };
+        if let Some(timeout) = self.in_flight.get(&id).and_then(|(_, j)| j.options.timeout) {
+            self.after(timeout, Event::Deadline { pid, id, timeout });
+        }
+    }
+
+    /// Kills worker `pid` if request `id` is what it is running (a timeout, or a cancel the
+    /// task did not honour in time). A request still queued behind another is left alone: the
+    /// worker skips it (cancel) or its own timeout starts when it reaches the front.
+    fn kill_if_running(&mut self, pid: u32, id: RequestId, kill: Kill) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if worker.sent.front() != Some(&id) || worker.kill.is_some() {
+            return;
+        }
+        let name = self.in_flight.get(&id).map_or("?", |(_, j)| j.name);
+        match kill {
+            Kill::TimedOut(timeout) => {
+                self.stats.timed_out += 1;
+                tracing::warn!(worker.pid = pid, task.name = name, "task `{name}` ran longer than its timeout of {timeout:?}; killing worker {pid}");
+            }
+            Kill::Cancelled => tracing::warn!(
+                worker.pid = pid,
+                task.name = name,
+                "task `{name}` did not stop within {:?} of its cancel; killing worker {pid}",
+                self.settings.cancel_grace
+            ),
+        }
+        worker.kill = Some(kill);
+        worker.killer.kill();
+    }
+
+    /// Retires a worker that has served its share (`max_tasks_per_worker`) once it is idle;
+    /// its replacement starts at once.
+    fn recycle_if_due(&mut self, pid: u32) {
+        let Some(max) = self.settings.max_requests_per_worker else {
+            return;
+        };
+        let due = self
+            .workers
+            .get(&pid)
+            .is_some_and(|w| !w.retiring && w.served >= max && w.sent.is_empty());
+        if due {
+            tracing::debug!(
+                worker.pid = pid,
+                "recycling worker {pid} after {max} requests"
+            );
+            self.retire(pid);
+            self.replenish();
+        }
+    }
+
+    /// Asks a worker to exit after its current work.
+    fn retire(&mut self, pid: u32) {
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            worker.retiring = true;
+            match &worker.writer {
+                Some(writer) => {
+                    let _ = writer.send(ToWorker::Exit);
+                }
+                None => worker.killer.kill(),
+            }
+        }
+    }
+
+    /// The worker is gone and everything it wrote has been read: settle its requests.
+    fn finalize(&mut self, pid: u32) {
         let Some(worker) = self.workers.remove(&pid) else {
             return;
         };
-        let (text, signal, code) = spawner::describe(status);
-        let lost: Vec<RequestId> = self
-            .in_flight
-            .iter()
-            .filter(|(_, (owner, _))| *owner == pid)
-            .map(|(id, _)| *id)
-            .collect();
-        if worker.retiring && lost.is_empty() {
-            tracing::debug!(worker.pid = pid, "worker {pid} {text}");
-        } else if !worker.connected {
-            self.start_failures += 1;
-            let reason = self.last_start_error.take().unwrap_or_else(|| {
-                format!(
-                    "worker {pid} {text} before connecting to the pool; does the worker program \
-                     call offload::init() at the top of main?"
-                )
-            });
-            tracing::warn!(worker.pid = pid, "{reason}");
-            if matches!(self.startup, Startup::Starting)
-                || self.start_failures >= MAX_START_FAILURES
-            {
-                self.break_pool(reason);
-            }
-        } else {
-            tracing::warn!(
-                worker.pid = pid,
-                lost = lost.len(),
-                "worker {pid} {text}; starting a replacement"
-            );
+        let status = worker.status.unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            ExitStatus::from_raw(0)
+        });
+        let (mut text, signal, code) = spawner::describe(status);
+        if let (Some(limit), Some(6 | 9 | 11)) = (self.settings.memory_limit, signal) {
+            text.push_str(&format!(
+                " (the pool's memory limit is {} MiB; the task may have exceeded it)",
+                limit >> 20
+            ));
         }
-        let failure = Failure::Crashed {
-            pid,
-            status: text,
-            signal,
-            code,
-        };
-        for id in lost {
-            if let Some((_, job)) = self.in_flight.remove(&id) {
-                job.reply.finish(Outcome::Failed(failure.clone()));
+        let mut sent = worker.sent.into_iter();
+        let front = sent.next();
+        // Requests behind the front never started: they go back to the head of the queue.
+        let unstarted: Vec<Job> = sent
+            .filter_map(|id| self.in_flight.remove(&id).map(|(_, job)| job))
+            .collect();
+        for job in unstarted.into_iter().rev() {
+            self.queue.push_front(job);
+        }
+        let front = front.and_then(|id| self.in_flight.remove(&id).map(|(_, job)| job));
+
+        match (worker.kill, front) {
+            (Some(Kill::TimedOut(timeout)), Some(job)) => {
+                self.retry_or_fail(job, Failure::TimedOut(timeout));
+            }
+            // Its handle already resolved as cancelled; the late result has nowhere to go.
+            (Some(Kill::Cancelled), Some(job)) => drop(job),
+            (_, front) if !worker.connected || worker.init.is_some() => {
+                if worker.retiring && front.is_none() {
+                    tracing::debug!(worker.pid = pid, "worker {pid} {text}");
+                } else {
+                    let reason = self.last_start_error.take().unwrap_or_else(|| {
+                        if worker.connected {
+                            format!("worker {pid} {text} while running the pool initializer")
+                        } else {
+                            format!(
+                                "worker {pid} {text} before connecting to the pool; does the \
+                                 worker program call offload::init() at the top of main?"
+                            )
+                        }
+                    });
+                    tracing::warn!(worker.pid = pid, "{reason}");
+                    self.last_start_error = Some(reason);
+                    self.start_failed();
+                }
+                if let Some(job) = front {
+                    self.queue.push_front(job);
+                }
+            }
+            (_, None) if worker.retiring => {
+                tracing::debug!(worker.pid = pid, "worker {pid} {text}")
+            }
+            (_, front) => {
+                self.stats.crashed += 1;
+                let name = front.as_ref().map_or("no task", |j| j.name);
+                tracing::warn!(
+                    worker.pid = pid,
+                    task.name = name,
+                    "worker {pid} {text} while running `{name}`; starting a replacement"
+                );
+                if let Some(job) = front {
+                    let failure = Failure::Crashed {
+                        pid,
+                        status: text,
+                        signal,
+                        code,
+                    };
+                    self.retry_or_fail(job, failure);
+                }
             }
         }
         self.replenish();
     }
 
+    /// With retries left, runs the job again (first in line); otherwise fails it.
+    fn retry_or_fail(&mut self, mut job: Job, failure: Failure) {
+        job.attempts += 1;
+        if job.attempts <= job.options.retries {
+            self.stats.retried += 1;
+            tracing::debug!(
+                task.name = job.name,
+                attempt = job.attempts + 1,
+                "running the task again"
+            );
+            self.queue.push_front(job);
+        } else {
+            self.fail(job, failure);
+        }
+    }
+
+    fn fail(&mut self, job: Job, failure: Failure) {
+        self.stats.failed += 1;
+        self.settled.push((job, Outcome::Failed(failure)));
+    }
+
     /// No worker can be started: fail everything queued, and everything submitted later.
     fn break_pool(&mut self, reason: String) {
         tracing::error!("process pool is broken: {reason}");
-        for job in self.queue.drain(..) {
-            job.reply
-                .finish(Outcome::Failed(Failure::Broken(reason.clone())));
+        let queued: Vec<Job> = self.queue.drain(..).collect();
+        for job in queued {
+            self.fail(job, Failure::Broken(reason.clone()));
         }
         if matches!(self.startup, Startup::Starting) {
             self.startup = Startup::Failed(reason.clone());
@@ -296,51 +590,60 @@ impl Scheduler {
 
     /// Sends queued jobs to the least-loaded workers with room in their window.
     pub(crate) fn dispatch(&mut self) {
+        let window = self.settings.window;
+        let max = self.settings.max_requests_per_worker;
         while !self.queue.is_empty() {
             let Some((&pid, _)) = self
                 .workers
                 .iter()
-                .filter(|(_, w)| w.writer.is_some() && w.in_flight < self.settings.window)
-                .min_by_key(|(_, w)| w.in_flight)
+                .filter(|(_, w)| w.can_take_work(window, max))
+                .min_by_key(|(_, w)| w.sent.len())
             else {
                 break;
             };
-            let Some(mut job) = self.queue.pop_front() else {
+            let Some(job) = self.queue.pop_front() else {
                 break;
             };
             if !job.reply.start() {
                 continue; // cancelled while queued; its handle is already resolved
             }
-            let message = match job.payload.take() {
-                Some(Payload::One(input)) => ToWorker::Run {
+            let message = match &job.payload {
+                Payload::One(input) => ToWorker::Run {
                     id: job.id,
                     task: job.name.to_owned(),
-                    input,
+                    input: input.clone(),
                 },
-                Some(Payload::Batch(inputs)) => ToWorker::RunBatch {
+                Payload::Batch(inputs) => ToWorker::RunBatch {
                     id: job.id,
                     task: job.name.to_owned(),
-                    inputs,
+                    inputs: inputs.clone(),
                 },
-                None => continue,
             };
+            let id = job.id;
+            self.in_flight.insert(id, (pid, job));
             if let Some(worker) = self.workers.get_mut(&pid) {
-                worker.in_flight += 1;
+                worker.sent.push_back(id);
+                worker.served += 1;
                 if let Some(writer) = &worker.writer {
-                    // A closed writer means the connection is dying: the job stays in flight on
-                    // this worker and fails with its exit, like any job it held.
+                    // A closed writer means the connection is dying: the job stays on this
+                    // worker and is settled with its exit, like any job it held.
                     let _ = writer.send(message);
                 }
+                if worker.sent.len() == 1 {
+                    self.arm_front(pid);
+                }
             }
-            self.in_flight.insert(job.id, (pid, job));
         }
     }
 
-    /// Reports startup once every worker is connected.
+    /// Reports startup once every worker is connected and initialized.
     pub(crate) fn check_startup(&mut self) {
         if matches!(self.startup, Startup::Starting)
             && self.workers.len() == self.settings.workers
-            && self.workers.values().all(|w| w.connected)
+            && self
+                .workers
+                .values()
+                .all(|w| w.connected && w.init.is_none())
         {
             self.startup = Startup::Ready;
         }
@@ -355,17 +658,14 @@ impl Scheduler {
         if !self.queue.is_empty() || !self.in_flight.is_empty() {
             return false;
         }
-        for worker in self.workers.values_mut() {
-            if worker.retiring {
-                continue;
-            }
-            worker.retiring = true;
-            match &worker.writer {
-                Some(writer) => {
-                    let _ = writer.send(ToWorker::Exit);
-                }
-                None => worker.killer.kill(),
-            }
+        let pids: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.retiring)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in pids {
+            self.retire(pid);
         }
         self.workers.is_empty()
     }
@@ -380,5 +680,33 @@ impl Scheduler {
 
     pub(crate) fn has_workers(&self) -> bool {
         !self.workers.is_empty()
+    }
+
+    /// Publishes the counts for `ProcessPool::stats`, then resolves the jobs settled since the
+    /// last call, in that order.
+    pub(crate) fn flush(&mut self) {
+        self.stats.queued = self.queue.len();
+        self.stats.running = self.in_flight.len();
+        self.stats.workers = self
+            .workers
+            .values()
+            .filter(|w| w.connected && !w.retiring)
+            .count();
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = self.stats;
+        for (job, outcome) in self.settled.drain(..) {
+            job.finish(outcome);
+        }
+    }
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("connected", &self.connected)
+            .field("sent", &self.sent.len())
+            .finish_non_exhaustive()
     }
 }

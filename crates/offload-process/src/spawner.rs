@@ -47,7 +47,12 @@ pub(crate) fn spawn(
     token: &[u8; TOKEN_LEN],
     on_exit: impl FnOnce(u32, ExitStatus) + Send + 'static,
 ) -> std::io::Result<(u32, Killer)> {
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(program)
+        // A terminal's Ctrl-C (SIGINT to the foreground process group) reaches the parent
+        // only: it decides whether to drain or stop the pool. If it dies, its workers die
+        // with it (PR_SET_PDEATHSIG, and the end of their connection).
+        .process_group(0)
         .env(ENV_SOCKET, socket)
         .env(ENV_PARENT, std::process::id().to_string())
         .stdin(Stdio::piped())

@@ -49,6 +49,54 @@ task!(KillSelf() -> u32, |_s| {
 });
 task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
 task!(Make(usize) -> Vec<u8>, |s| vec![1; s.0]);
+task!(SpinUntilCancelled() -> bool, |_s| {
+    let deadline = Instant::now() + LIMIT;
+    while !offload_core::is_cancelled() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    offload_core::is_cancelled()
+});
+task!(Append(String, u64) -> u64, |s| {
+    // O_APPEND writes of one short line are atomic: the file records every run.
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&s.0).unwrap();
+    f.write_all(format!("{}\n", s.1).as_bytes()).unwrap();
+    s.1
+});
+task!(CrashUntil(String, u32) -> u32, |s| {
+    // Counts its runs in a file; aborts until the count reaches s.1.
+    let runs = std::fs::read_to_string(&s.0).map(|t| t.lines().count()).unwrap_or(0) as u32 + 1;
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&s.0).unwrap();
+    f.write_all(b"run\n").unwrap();
+    if runs < s.1 {
+        std::process::abort();
+    }
+    runs
+});
+task!(Allocate(usize) -> usize, |s| {
+    let v = vec![7u8; s.0];
+    v.iter().map(|&b| b as usize).sum::<usize>() / 7
+});
+task!(InitOk() -> (), |_s| INITIALIZED.store(true, Ordering::SeqCst));
+task!(IsInitialized() -> bool, |_s| INITIALIZED.load(Ordering::SeqCst));
+task!(InitFails(String) -> Result<(), String>, |s| {
+    if std::path::Path::new(&s.0).exists() {
+        Err(format!("model file {} is corrupt", s.0))
+    } else {
+        Ok(())
+    }
+});
+
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+
+fn temp_path(tag: &str) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "offload-test-{}-{tag}-{:?}",
+        std::process::id(),
+        Instant::now()
+    ));
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
+}
 task!(Sleep(u64) -> (), |s| std::thread::sleep(Duration::from_millis(s.0)));
 task!(WorkerEnv() -> Vec<String>, |_s| std::env::vars()
     .map(|(k, _)| k)
@@ -609,6 +657,266 @@ fn public_types_are_send_and_sync() {
     send_sync::<BuildError>();
 }
 
+// ---------------------------------------------------------------- controls (issue 4)
+
+fn cancelling_a_running_task_reaches_it_cooperatively() {
+    let pool = pool(1);
+    let before = wait(pool.submit(Pid())).unwrap();
+    let handle = pool.submit(SpinUntilCancelled());
+    eventually("the task runs", || pool.stats().running == 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(handle.cancel());
+    assert!(wait(handle).unwrap_err().is_cancelled());
+    // The task saw the flag and returned: its worker was not killed.
+    assert_eq!(wait(pool.submit(Pid())), Ok(before));
+    assert_eq!(pool.stats().crashed, 0);
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_task_that_ignores_its_cancel_is_killed_after_the_grace_period() {
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .cancel_grace(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let bystander = pool.submit(Sleep(600));
+    let stubborn = pool.submit(Sleep(60_000));
+    eventually("both run", || pool.stats().running == 2);
+    let victim_pids = children();
+    let started = Instant::now();
+    drop(stubborn); // dropping the handle cancels, like cancel()
+    assert_eq!(wait(bystander), Ok(()), "other tasks are untouched");
+    eventually("the stubborn worker is replaced", || {
+        pool.stats().restarts == 1 && pool.stats().workers == 2
+    });
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(children().iter().any(|p| !victim_pids.contains(p)));
+    assert_eq!(wait(pool.submit(Square(4))), Ok(16));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_task_past_its_timeout_fails_and_its_worker_is_replaced() {
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .task_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let err = wait(pool.submit_with(
+        Sleep(60_000),
+        offload_process::TaskOptions::new().timeout(Duration::from_millis(300)),
+    ))
+    .unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        err.to_string(),
+        "task `process_pool::Sleep` ran longer than its timeout of 300ms; its worker was killed and replaced"
+    );
+    // The pool default applies to plain submits, and short tasks are unaffected.
+    assert_eq!(wait(pool.submit(Sleep(10))), Ok(()));
+    let stats = pool.stats();
+    assert_eq!((stats.timed_out, stats.failed), (1, 1), "{stats:?}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn recycling_every_three_tasks_loses_and_repeats_nothing() {
+    let log = temp_path("recycle");
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .max_tasks_per_worker(3)
+        .build()
+        .unwrap();
+    let n = 10_000;
+    let handles: Vec<_> = (0..n)
+        .map(|i| pool.submit(Append(log.clone(), i)))
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(wait(h), Ok(i as u64));
+    }
+    let mut runs: Vec<u64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    runs.sort_unstable();
+    assert_eq!(
+        runs,
+        (0..n).collect::<Vec<_>>(),
+        "every task ran exactly once"
+    );
+    let restarts = pool.stats().restarts;
+    assert!(
+        restarts >= n / 3 - 2,
+        "only {restarts} workers were recycled"
+    );
+    assert!(pool.join_timeout(LIMIT));
+    let _ = std::fs::remove_file(&log);
+}
+
+fn the_initializer_runs_in_every_worker_before_its_first_task() {
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .initializer(InitOk())
+        .build()
+        .unwrap();
+    for h in (0..20)
+        .map(|_| pool.submit(IsInitialized()))
+        .collect::<Vec<_>>()
+    {
+        assert_eq!(wait(h), Ok(true));
+    }
+    // Replacements are initialized too.
+    assert!(wait(pool.submit(Abort())).unwrap_err().is_worker_crash());
+    for h in (0..20)
+        .map(|_| pool.submit(IsInitialized()))
+        .collect::<Vec<_>>()
+    {
+        assert_eq!(wait(h), Ok(true));
+    }
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop() {
+    let flag = temp_path("init-flag");
+    std::fs::write(&flag, "").unwrap();
+    let err = ProcessPool::builder()
+        .workers(1)
+        .initializer(InitFails(flag.clone()))
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("is corrupt"), "{err}");
+    assert!(err.to_string().contains("process_pool::InitFails"), "{err}");
+
+    // Healthy at start; then every replacement fails its initializer.
+    std::fs::remove_file(&flag).unwrap();
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .initializer(InitFails(flag.clone()))
+        .build()
+        .unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let crash = pool.submit(Abort());
+    let pending: Vec<_> = (0..5).map(|i| pool.submit(Square(i))).collect();
+    assert!(wait(crash).unwrap_err().is_worker_crash());
+    for h in pending {
+        let err = wait(h).unwrap_err();
+        assert!(matches!(err, TaskError::PoolBroken { .. }), "{err}");
+        assert!(err.to_string().contains("is corrupt"), "{err}");
+        assert!(err.to_string().contains("3 times in a row"), "{err}");
+    }
+    let later = wait(pool.submit(Square(1))).unwrap_err();
+    assert!(matches!(later, TaskError::PoolBroken { .. }), "{later}");
+    assert!(
+        pool.stats().restarts <= 3,
+        "no crash loop: {:?}",
+        pool.stats()
+    );
+    assert!(pool.join_timeout(LIMIT));
+    let _ = std::fs::remove_file(&flag);
+}
+
+fn a_task_over_the_memory_limit_fails_naming_the_limit() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .memory_limit(256 << 20)
+        .build()
+        .unwrap();
+    assert_eq!(wait(pool.submit(Allocate(16 << 20))), Ok(16 << 20));
+    let err = wait(pool.submit(Allocate(1 << 30))).unwrap_err();
+    assert!(err.is_worker_crash(), "{err}");
+    assert!(err.to_string().contains("memory limit is 256 MiB"), "{err}");
+    assert_eq!(
+        wait(pool.submit(Allocate(16 << 20))),
+        Ok(16 << 20),
+        "replaced"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made() {
+    let pool = pool(1);
+    let counter = temp_path("retries-ok");
+    let ok = pool.submit_with(
+        CrashUntil(counter.clone(), 3),
+        offload_process::TaskOptions::new().retries(2),
+    );
+    assert_eq!(wait(ok), Ok(3), "third attempt succeeds");
+    let counter2 = temp_path("retries-fail");
+    let err = wait(pool.submit_with(
+        CrashUntil(counter2.clone(), 5),
+        offload_process::TaskOptions::new().retries(1),
+    ))
+    .unwrap_err();
+    assert!(err.is_worker_crash(), "{err}");
+    assert!(err.to_string().contains("(after 2 attempts)"), "{err}");
+    assert_eq!(pool.stats().retried, 3, "{:?}", pool.stats());
+    assert!(pool.join_timeout(LIMIT));
+    let _ = std::fs::remove_file(&counter);
+    let _ = std::fs::remove_file(&counter2);
+}
+
+fn stats_count_what_happened() {
+    let pool = pool(2);
+    for h in (0..10).map(|i| pool.submit(Square(i))).collect::<Vec<_>>() {
+        wait(h).unwrap();
+    }
+    assert!(wait(pool.submit(Panic("x".into()))).is_err());
+    assert!(wait(pool.submit(Abort())).is_err());
+    eventually("the replacement connects", || pool.stats().workers == 2);
+    let stats = pool.stats();
+    assert_eq!(stats.completed, 10, "{stats:?}");
+    assert_eq!(stats.failed, 2, "{stats:?}");
+    assert_eq!((stats.crashed, stats.restarts), (1, 1), "{stats:?}");
+    assert_eq!((stats.queued, stats.running), (0, 0), "{stats:?}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        use std::os::unix::process::CommandExt;
+        let mut parent = Command::new("/proc/self/exe")
+            .env(ROLE, "orphan-parent")
+            .process_group(0) // like a terminal's foreground job
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut stdout = parent.stdout.take().unwrap();
+        let mut byte = [0u8; 1];
+        while !line.ends_with('\n') {
+            assert_eq!(stdout.read(&mut byte).unwrap(), 1, "parent ended early");
+            line.push(byte[0] as char);
+        }
+        let workers: Vec<u32> = line
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        // SAFETY: kill(2) with a negative pid signals the parent's process group.
+        unsafe { libc::kill(-(parent.id() as i32), signal) };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(parent.wait());
+        });
+        let status = rx
+            .recv_timeout(LIMIT)
+            .expect("the parent hung on the signal")
+            .unwrap();
+        assert!(!status.success());
+        std::thread::sleep(Duration::from_secs(2));
+        for pid in workers {
+            assert!(
+                !alive(pid),
+                "worker {pid} outlived its parent's signal {signal}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- runner
 
 const ROLE: &str = "OFFLOAD_TEST_ROLE";
@@ -752,6 +1060,43 @@ fn main() {
         (
             "a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang",
             a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang,
+        ),
+        (
+            "cancelling_a_running_task_reaches_it_cooperatively",
+            cancelling_a_running_task_reaches_it_cooperatively,
+        ),
+        (
+            "a_task_that_ignores_its_cancel_is_killed_after_the_grace_period",
+            a_task_that_ignores_its_cancel_is_killed_after_the_grace_period,
+        ),
+        (
+            "a_task_past_its_timeout_fails_and_its_worker_is_replaced",
+            a_task_past_its_timeout_fails_and_its_worker_is_replaced,
+        ),
+        (
+            "recycling_every_three_tasks_loses_and_repeats_nothing",
+            recycling_every_three_tasks_loses_and_repeats_nothing,
+        ),
+        (
+            "the_initializer_runs_in_every_worker_before_its_first_task",
+            the_initializer_runs_in_every_worker_before_its_first_task,
+        ),
+        (
+            "a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop",
+            a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop,
+        ),
+        (
+            "a_task_over_the_memory_limit_fails_naming_the_limit",
+            a_task_over_the_memory_limit_fails_naming_the_limit,
+        ),
+        (
+            "retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made",
+            retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
+        ),
+        ("stats_count_what_happened", stats_count_what_happened),
+        (
+            "sigint_and_sigterm_of_the_parent_leave_no_worker_behind",
+            sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         ),
         (
             "public_types_are_send_and_sync",

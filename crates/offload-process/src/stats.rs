@@ -1,0 +1,26 @@
+//! `PoolStats`: what a pool is doing, for dashboards and tests.
+
+/// A snapshot of a [`ProcessPool`](crate::ProcessPool)'s counters, from
+/// [`stats`](crate::ProcessPool::stats). Counts are since the pool started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Requests waiting for a worker (a `map` batch counts once).
+    pub queued: usize,
+    /// Requests sent to workers and not answered yet.
+    pub running: usize,
+    /// Requests answered with results (a batch with failures counts as failed).
+    pub completed: u64,
+    /// Requests that failed: a task error, a crash, a timeout, a broken pool.
+    pub failed: u64,
+    /// Workers that died while holding work.
+    pub crashed: u64,
+    /// Tasks that ran past their timeout.
+    pub timed_out: u64,
+    /// Runs repeated because of `retries`.
+    pub retried: u64,
+    /// Workers started to replace others (crashed, recycled, killed).
+    pub restarts: u64,
+    /// Workers connected and serving.
+    pub workers: usize,
+}
