@@ -188,9 +188,22 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
         .map_err(|e| {
             WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
         })?;
-    run_requests(&work_rx, outbox, cancels);
+    // Tasks run on a thread of their own, named so that a panic message reads
+    // "thread 'offload-task' panicked" and not like the user's own `main`. It gets a main
+    // thread's stack, so deep recursion behaves as it would in the caller.
+    let runner = std::thread::Builder::new()
+        .name("offload-task".into())
+        .stack_size(TASK_STACK)
+        .spawn(move || run_requests(&work_rx, outbox, cancels))
+        .map_err(|e| {
+            WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
+        })?;
+    let _ = runner.join();
     Ok(())
 }
+
+/// Stack of the thread that runs tasks: what a main thread gets on Linux.
+const TASK_STACK: usize = 8 << 20;
 
 /// One unit of work from the parent.
 enum Request {
@@ -206,9 +219,12 @@ enum Request {
     },
 }
 
-/// Cancels that arrived for requests not yet running, and the running request's flag.
+/// Which requests the worker holds, for cancels: those queued here, the cancelled ones among
+/// them, and the running request's flag. A cancel for a request the worker no longer holds
+/// (it finished) is dropped, so nothing accumulates.
 #[derive(Default)]
 struct Cancels {
+    queued: HashSet<u64>,
     early: HashSet<u64>,
     running: Option<(u64, CancelFlag)>,
 }
@@ -240,9 +256,10 @@ fn read_requests(mut reader: Reader, work: mpsc::Sender<Request>, cancels: &Mute
                 let mut c = lock(cancels);
                 match &c.running {
                     Some((running, flag)) if *running == id => flag.raise(),
-                    _ => {
+                    _ if c.queued.contains(&id) => {
                         c.early.insert(id);
                     }
+                    _ => {}
                 }
                 continue;
             }
@@ -260,6 +277,10 @@ fn read_requests(mut reader: Reader, work: mpsc::Sender<Request>, cancels: &Mute
             }
         };
         if let Some(work) = &work {
+            let id = match &request {
+                Request::One { id, .. } | Request::Batch { id, .. } => *id,
+            };
+            lock(cancels).queued.insert(id);
             let _ = work.send(request);
         }
     }
@@ -277,6 +298,7 @@ fn run_requests(work: &mpsc::Receiver<Request>, outbox: &Outbox, cancels: &Mutex
         let flag = CancelFlag::new();
         {
             let mut c = lock(cancels);
+            c.queued.remove(&id);
             if c.early.remove(&id) {
                 flag.raise();
             }

@@ -30,6 +30,8 @@ use crate::scheduler::Settings;
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct ProcessPoolBuilder {
     workers: Option<usize>,
+    max_workers: Option<usize>,
+    idle_timeout: Duration,
     program: Option<PathBuf>,
     window: usize,
     max_frame: usize,
@@ -45,6 +47,8 @@ impl Default for ProcessPoolBuilder {
     fn default() -> Self {
         ProcessPoolBuilder {
             workers: None,
+            max_workers: None,
+            idle_timeout: Duration::from_secs(60),
             program: None,
             window: 2,
             max_frame: DEFAULT_MAX_FRAME,
@@ -64,9 +68,24 @@ impl ProcessPoolBuilder {
         ProcessPoolBuilder::default()
     }
 
-    /// Number of worker processes. Default: [`std::thread::available_parallelism`].
+    /// Number of worker processes (the minimum, with [`max_workers`](Self::max_workers)).
+    /// Default: [`std::thread::available_parallelism`].
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers);
+        self
+    }
+
+    /// Lets the pool grow on demand: it keeps [`workers`](Self::workers) processes running
+    /// (its minimum) and starts more, up to `max`, while tasks wait and every worker is busy.
+    /// Extra workers exit after [`idle_timeout`](Self::idle_timeout) without work.
+    pub fn max_workers(mut self, max: usize) -> Self {
+        self.max_workers = Some(max);
+        self
+    }
+
+    /// How long a worker beyond the minimum may sit idle before it exits (default 60 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 
@@ -184,6 +203,8 @@ impl ProcessPoolBuilder {
         let settings = Settings {
             program,
             workers,
+            max_workers: self.max_workers.unwrap_or(workers).max(workers),
+            idle_timeout: self.idle_timeout,
             window: self.window,
             socket,
             token,
@@ -192,7 +213,7 @@ impl ProcessPoolBuilder {
             initializer,
             memory_limit: self.memory_limit,
         };
-        let stats = Arc::new(Mutex::new(crate::PoolStats::default()));
+        let stats = Arc::new(Mutex::new(crate::stats::Published::default()));
         let (commands, thread) = reactor::start(
             settings,
             self.max_frame,

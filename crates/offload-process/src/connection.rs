@@ -64,6 +64,8 @@ pub(crate) enum Event {
         pid: u32,
         id: u64,
     },
+    /// Time to stop workers that have been idle for the idle timeout.
+    IdleCheck,
 }
 
 /// What the handshake needs to know about the pool.

@@ -11,6 +11,7 @@ use offload_ipc::protocol::Blob;
 use crate::job::{self, Job, TaskOptions};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
+use crate::stats::Published;
 use crate::PoolStats;
 use crate::ProcessPoolBuilder;
 
@@ -38,7 +39,7 @@ struct PoolInner {
     workers: usize,
     max_frame: usize,
     defaults: TaskOptions,
-    stats: Arc<Mutex<PoolStats>>,
+    stats: Arc<Mutex<Published>>,
     reactor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -70,7 +71,7 @@ impl ProcessPool {
         workers: usize,
         max_frame: usize,
         defaults: TaskOptions,
-        stats: Arc<Mutex<PoolStats>>,
+        stats: Arc<Mutex<Published>>,
     ) -> Self {
         ProcessPool {
             inner: Arc::new(PoolInner {
@@ -99,11 +100,23 @@ impl ProcessPool {
     /// What the pool is doing: queued and running requests, completions, failures, crashes,
     /// restarts and live workers.
     pub fn stats(&self) -> PoolStats {
-        *self
-            .inner
+        self.published().stats
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Published> {
+        self.inner
             .stats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The error for new work on a broken pool: it cannot run tasks, and says why.
+    fn broken<O>(&self, name: &'static str) -> Option<TaskHandle<O>> {
+        let reason = self.published().broken.clone()?;
+        Some(TaskHandle::ready(
+            name,
+            Err(TaskError::pool_broken(name, reason)),
+        ))
     }
 
     fn submit_one<T: Task>(
@@ -113,6 +126,9 @@ impl ProcessPool {
     ) -> Result<TaskHandle<T::Output>, SubmitError<T>> {
         if self.is_shutdown() {
             return Err(SubmitError::shutdown(task));
+        }
+        if let Some(handle) = self.broken(T::NAME) {
+            return Ok(handle);
         }
         let input = match self.encode(&task) {
             Ok(input) => input,
@@ -208,6 +224,9 @@ impl Executor for ProcessPool {
     ) -> Result<BatchHandle<T::Output>, SubmitError<Vec<T>>> {
         if self.is_shutdown() {
             return Err(SubmitError::shutdown(tasks));
+        }
+        if let Some(handle) = self.broken(T::NAME) {
+            return Ok(handle);
         }
         let mut inputs = Vec::with_capacity(tasks.len());
         let mut total = 0;

@@ -12,7 +12,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::connection::{self, Accept, Event};
 use crate::scheduler::{Command, Scheduler, Settings, Startup};
-use crate::{BuildError, PoolStats};
+use crate::stats::Published;
+use crate::BuildError;
 
 /// How commands reach the reactor.
 pub(crate) type Commands = UnboundedSender<Command>;
@@ -22,7 +23,7 @@ pub(crate) fn start(
     settings: Settings,
     max_frame: usize,
     startup_timeout: Duration,
-    stats: Arc<Mutex<PoolStats>>,
+    stats: Arc<Mutex<Published>>,
 ) -> Result<(Commands, JoinHandle<()>), BuildError> {
     let (commands, incoming) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -70,7 +71,7 @@ async fn run(
     startup_timeout: Duration,
     mut commands: UnboundedReceiver<Command>,
     ready: std_mpsc::Sender<Result<(), BuildError>>,
-    stats: Arc<Mutex<PoolStats>>,
+    stats: Arc<Mutex<Published>>,
 ) {
     let listener = match settings
         .socket
@@ -99,9 +100,12 @@ async fn run(
 
     loop {
         // State changes can come from the loop's own actions (a failed spawn, a dispatch), so
-        // act on them before waiting for the next event.
+        // act on them before waiting for the next event. Stats are published before `build`
+        // hears that startup is over, so a new pool's `stats()` is already true.
+        scheduler.check_startup();
+        scheduler.dispatch();
+        scheduler.flush();
         if ready.is_some() {
-            scheduler.check_startup();
             match &scheduler.startup {
                 Startup::Starting => {}
                 Startup::Ready => {
@@ -118,8 +122,6 @@ async fn run(
                 }
             }
         }
-        scheduler.dispatch();
-        scheduler.flush();
         if scheduler.finished() {
             break;
         }

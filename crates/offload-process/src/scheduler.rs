@@ -27,6 +27,7 @@ use crate::connection::Event;
 use crate::forward;
 use crate::job::{Failure, Initializer, Job, Outcome, Payload, RequestId};
 use crate::spawner::{self, Killer};
+use crate::stats::Published;
 use crate::PoolStats;
 
 /// How long a worker whose connection ended may take to exit before it is killed.
@@ -48,7 +49,12 @@ pub(crate) enum Command {
 
 pub(crate) struct Settings {
     pub(crate) program: PathBuf,
+    /// Workers kept running (started at build).
     pub(crate) workers: usize,
+    /// Workers started on demand, at most.
+    pub(crate) max_workers: usize,
+    /// How long a worker beyond `workers` may sit idle before it exits.
+    pub(crate) idle_timeout: Duration,
     pub(crate) window: usize,
     pub(crate) socket: String,
     pub(crate) token: [u8; TOKEN_LEN],
@@ -78,6 +84,8 @@ struct Worker {
     sent: VecDeque<RequestId>,
     /// Requests ever sent, for recycling.
     served: u64,
+    /// When it last ran out of work, for the idle timeout.
+    idle_since: Option<tokio::time::Instant>,
     /// The initializer's request while it runs; no work is sent before it succeeds.
     init: Option<RequestId>,
     kill: Option<Kill>,
@@ -113,7 +121,7 @@ pub(crate) struct Scheduler {
     broken: Option<String>,
     next_internal_id: RequestId,
     stats: PoolStats,
-    published: Arc<Mutex<PoolStats>>,
+    published: Arc<Mutex<Published>>,
     /// Jobs settled in this turn of the reactor, resolved by `flush` after the stats that
     /// count them are published: a caller who has a result sees it counted.
     settled: Vec<(Job, Outcome)>,
@@ -124,7 +132,7 @@ impl Scheduler {
     pub(crate) fn new(
         settings: Settings,
         events: UnboundedSender<Event>,
-        published: Arc<Mutex<PoolStats>>,
+        published: Arc<Mutex<Published>>,
     ) -> Self {
         Scheduler {
             settings,
@@ -144,13 +152,20 @@ impl Scheduler {
         }
     }
 
-    /// Starts workers up to the pool's size (retiring workers do not count).
+    /// Starts workers up to the pool's base size (retiring workers do not count).
     pub(crate) fn replenish(&mut self) {
         let needed = self.shutdown.is_none() || !self.queue.is_empty();
-        while needed
-            && self.broken.is_none()
-            && self.workers.values().filter(|w| !w.retiring).count() < self.settings.workers
-        {
+        let active = self.workers.values().filter(|w| !w.retiring).count();
+        if needed {
+            self.spawn_workers(self.settings.workers.saturating_sub(active));
+        }
+    }
+
+    fn spawn_workers(&mut self, count: usize) {
+        for _ in 0..count {
+            if self.broken.is_some() {
+                return;
+            }
             let events = self.events.clone();
             let spawned = spawner::spawn(
                 &self.settings.program,
@@ -177,6 +192,7 @@ impl Scheduler {
                             killer,
                             sent: VecDeque::new(),
                             served: 0,
+                            idle_since: None,
                             init: None,
                             kill: None,
                         },
@@ -278,6 +294,7 @@ impl Scheduler {
                 self.kill_if_running(pid, id, Kill::TimedOut(timeout))
             }
             Event::CancelGrace { pid, id } => self.kill_if_running(pid, id, Kill::Cancelled),
+            Event::IdleCheck => self.shrink_idle(),
         }
     }
 
@@ -360,6 +377,64 @@ impl Scheduler {
         }
         self.arm_front(pid);
         self.recycle_if_due(pid);
+        self.note_if_idle(pid);
+    }
+
+    /// A worker beyond the pool's base size that ran out of work starts its idle timeout.
+    fn note_if_idle(&mut self, pid: u32) {
+        if self.settings.max_workers <= self.settings.workers {
+            return;
+        }
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            if worker.sent.is_empty() && worker.init.is_none() && worker.idle_since.is_none() {
+                worker.idle_since = Some(tokio::time::Instant::now());
+                self.after(self.settings.idle_timeout, Event::IdleCheck);
+            }
+        }
+    }
+
+    /// Retires workers idle for the idle timeout, down to the pool's base size.
+    fn shrink_idle(&mut self) {
+        let now = tokio::time::Instant::now();
+        let timeout = self.settings.idle_timeout;
+        let mut active = self.workers.values().filter(|w| !w.retiring).count();
+        let idle: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.retiring && w.idle_since.is_some_and(|t| now - t >= timeout))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in idle {
+            if active <= self.settings.workers {
+                break;
+            }
+            tracing::debug!(
+                worker.pid = pid,
+                "worker {pid} idle for {timeout:?}; stopping it"
+            );
+            self.retire(pid);
+            active -= 1;
+        }
+    }
+
+    /// Starts extra workers (up to `max_workers`) while work waits and every worker is full.
+    fn grow(&mut self) {
+        if self.queue.is_empty() || self.broken.is_some() || self.shutdown.is_some() {
+            return;
+        }
+        let active = self.workers.values().filter(|w| !w.retiring).count();
+        let starting = self
+            .workers
+            .values()
+            .filter(|w| !w.retiring && (w.writer.is_none() || w.init.is_some()))
+            .count();
+        let wanted = self.queue.len().div_ceil(self.settings.window);
+        let extra = wanted
+            .saturating_sub(starting)
+            .min(self.settings.max_workers.saturating_sub(active));
+        if extra > 0 {
+            self.spawn_workers(extra);
+        }
     }
 
     fn on_init_done(&mut self, pid: u32, outcome: Outcome) {
@@ -376,6 +451,7 @@ impl Scheduler {
                     worker.init = None;
                 }
                 self.start_failures = 0;
+                self.note_if_idle(pid);
             }
             Err(message) => {
                 let reason = format!("the pool initializer `{}` failed: {message}", init.name);
@@ -624,6 +700,7 @@ impl Scheduler {
             if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.sent.push_back(id);
                 worker.served += 1;
+                worker.idle_since = None;
                 if let Some(writer) = &worker.writer {
                     // A closed writer means the connection is dying: the job stays on this
                     // worker and is settled with its exit, like any job it held.
@@ -634,6 +711,7 @@ impl Scheduler {
                 }
             }
         }
+        self.grow();
     }
 
     /// Reports startup once every worker is connected and initialized.
@@ -692,10 +770,16 @@ impl Scheduler {
             .values()
             .filter(|w| w.connected && !w.retiring)
             .count();
-        *self
-            .published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = self.stats;
+        {
+            let mut published = self
+                .published
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            published.stats = self.stats;
+            if published.broken.is_none() {
+                published.broken.clone_from(&self.broken);
+            }
+        }
         for (job, outcome) in self.settled.drain(..) {
             job.finish(outcome);
         }

@@ -24,3 +24,11 @@ pub struct PoolStats {
     /// Workers connected and serving.
     pub workers: usize,
 }
+
+/// What the reactor publishes for the pool's handles to read without a round trip.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    pub(crate) stats: PoolStats,
+    /// Why the pool cannot run tasks any more, once it cannot.
+    pub(crate) broken: Option<String>,
+}

@@ -607,6 +607,7 @@ fn worker_output_reaches_the_parents_streams() {
 fn printer() {
     let pool = pool(1);
     wait(pool.submit(Print("printed by a worker".into()))).unwrap();
+    assert!(wait(pool.submit(Panic("a worker's panic".into()))).is_err());
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -809,8 +810,21 @@ fn a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_l
         assert!(err.to_string().contains("is corrupt"), "{err}");
         assert!(err.to_string().contains("3 times in a row"), "{err}");
     }
+    // Even once every worker is gone, new work is told why, not "shut down".
+    eventually("the broken pool's workers exit", || {
+        pool.stats().workers == 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
     let later = wait(pool.submit(Square(1))).unwrap_err();
     assert!(matches!(later, TaskError::PoolBroken { .. }), "{later}");
+    let later = futures::executor::block_on(async {
+        use futures::StreamExt;
+        pool.map((0..3).map(Square)).next().await
+    });
+    assert!(
+        matches!(later, Some(Err(TaskError::PoolBroken { .. }))),
+        "{later:?}"
+    );
     assert!(
         pool.stats().restarts <= 3,
         "no crash loop: {:?}",
@@ -858,6 +872,31 @@ fn retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made() {
     assert!(pool.join_timeout(LIMIT));
     let _ = std::fs::remove_file(&counter);
     let _ = std::fs::remove_file(&counter2);
+}
+
+fn the_pool_grows_on_demand_and_shrinks_back_when_idle() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_workers(3)
+        .in_flight_per_worker(1)
+        .idle_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert_eq!(pool.stats().workers, 1);
+    let busy: Vec<_> = (0..3).map(|_| pool.submit(Sleep(1_500))).collect();
+    eventually("three workers", || pool.stats().workers == 3);
+    for h in busy {
+        assert_eq!(wait(h), Ok(()));
+    }
+    eventually("back to one worker", || {
+        pool.stats().workers == 1 && children().iter().filter(|p| alive(**p)).count() == 1
+    });
+    assert_eq!(
+        wait(pool.submit(Square(6))),
+        Ok(36),
+        "the minimum still serves"
+    );
+    assert!(pool.join_timeout(LIMIT));
 }
 
 fn stats_count_what_happened() {
@@ -920,6 +959,13 @@ fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
 // ---------------------------------------------------------------- runner
 
 const ROLE: &str = "OFFLOAD_TEST_ROLE";
+
+/// `(name, fn)` pairs from plain test function names.
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), $name as fn())),*]
+    };
+}
 
 static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -992,116 +1038,36 @@ fn main() {
     }
     tracing::subscriber::set_global_default(Capture).unwrap();
 
-    let tests: &[(&str, fn())] = &[
-        (
-            "tasks_run_in_worker_processes",
-            tasks_run_in_worker_processes,
-        ),
-        (
-            "a_quick_result_does_not_wait_behind_the_next_task_on_its_worker",
-            a_quick_result_does_not_wait_behind_the_next_task_on_its_worker,
-        ),
-        (
-            "a_worker_clears_its_environment_contract",
-            a_worker_clears_its_environment_contract,
-        ),
-        (
-            "works_from_inside_an_async_runtime",
-            works_from_inside_an_async_runtime,
-        ),
-        (
-            "a_panic_comes_back_as_an_error_and_the_worker_keeps_serving",
-            a_panic_comes_back_as_an_error_and_the_worker_keeps_serving,
-        ),
-        (
-            "a_crashing_worker_fails_only_its_task_and_is_replaced",
-            a_crashing_worker_fails_only_its_task_and_is_replaced,
-        ),
-        (
-            "an_unregistered_task_is_an_error_that_names_it",
-            an_unregistered_task_is_an_error_that_names_it,
-        ),
-        (
-            "map_and_as_completed_work_across_processes",
-            map_and_as_completed_work_across_processes,
-        ),
-        (
-            "large_payloads_round_trip_and_oversized_ones_are_refused",
-            large_payloads_round_trip_and_oversized_ones_are_refused,
-        ),
-        (
-            "strangers_and_garbage_are_refused_and_the_pool_keeps_working",
-            strangers_and_garbage_are_refused_and_the_pool_keeps_working,
-        ),
-        (
-            "shutdown_refuses_new_work_and_now_resolves_pending",
-            shutdown_refuses_new_work_and_now_resolves_pending,
-        ),
-        (
-            "dropping_and_joining_leave_no_zombie_and_no_orphan",
-            dropping_and_joining_leave_no_zombie_and_no_orphan,
-        ),
-        (
-            "workers_die_with_their_parent",
-            workers_die_with_their_parent,
-        ),
-        (
-            "worker_output_reaches_the_parents_streams",
-            worker_output_reaches_the_parents_streams,
-        ),
-        (
-            "tracing_events_reach_the_parent_in_a_span_with_pid_and_task",
-            tracing_events_reach_the_parent_in_a_span_with_pid_and_task,
-        ),
-        (
-            "misconfiguration_is_a_clear_error",
-            misconfiguration_is_a_clear_error,
-        ),
-        (
-            "a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang",
-            a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang,
-        ),
-        (
-            "cancelling_a_running_task_reaches_it_cooperatively",
-            cancelling_a_running_task_reaches_it_cooperatively,
-        ),
-        (
-            "a_task_that_ignores_its_cancel_is_killed_after_the_grace_period",
-            a_task_that_ignores_its_cancel_is_killed_after_the_grace_period,
-        ),
-        (
-            "a_task_past_its_timeout_fails_and_its_worker_is_replaced",
-            a_task_past_its_timeout_fails_and_its_worker_is_replaced,
-        ),
-        (
-            "recycling_every_three_tasks_loses_and_repeats_nothing",
-            recycling_every_three_tasks_loses_and_repeats_nothing,
-        ),
-        (
-            "the_initializer_runs_in_every_worker_before_its_first_task",
-            the_initializer_runs_in_every_worker_before_its_first_task,
-        ),
-        (
-            "a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop",
-            a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop,
-        ),
-        (
-            "a_task_over_the_memory_limit_fails_naming_the_limit",
-            a_task_over_the_memory_limit_fails_naming_the_limit,
-        ),
-        (
-            "retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made",
-            retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
-        ),
-        ("stats_count_what_happened", stats_count_what_happened),
-        (
-            "sigint_and_sigterm_of_the_parent_leave_no_worker_behind",
-            sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
-        ),
-        (
-            "public_types_are_send_and_sync",
-            public_types_are_send_and_sync,
-        ),
+    let tests: &[(&str, fn())] = tests![
+        tasks_run_in_worker_processes,
+        a_quick_result_does_not_wait_behind_the_next_task_on_its_worker,
+        a_worker_clears_its_environment_contract,
+        works_from_inside_an_async_runtime,
+        a_panic_comes_back_as_an_error_and_the_worker_keeps_serving,
+        a_crashing_worker_fails_only_its_task_and_is_replaced,
+        an_unregistered_task_is_an_error_that_names_it,
+        map_and_as_completed_work_across_processes,
+        large_payloads_round_trip_and_oversized_ones_are_refused,
+        strangers_and_garbage_are_refused_and_the_pool_keeps_working,
+        shutdown_refuses_new_work_and_now_resolves_pending,
+        dropping_and_joining_leave_no_zombie_and_no_orphan,
+        workers_die_with_their_parent,
+        worker_output_reaches_the_parents_streams,
+        tracing_events_reach_the_parent_in_a_span_with_pid_and_task,
+        misconfiguration_is_a_clear_error,
+        a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang,
+        cancelling_a_running_task_reaches_it_cooperatively,
+        a_task_that_ignores_its_cancel_is_killed_after_the_grace_period,
+        a_task_past_its_timeout_fails_and_its_worker_is_replaced,
+        recycling_every_three_tasks_loses_and_repeats_nothing,
+        the_initializer_runs_in_every_worker_before_its_first_task,
+        a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop,
+        a_task_over_the_memory_limit_fails_naming_the_limit,
+        retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
+        the_pool_grows_on_demand_and_shrinks_back_when_idle,
+        stats_count_what_happened,
+        sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
+        public_types_are_send_and_sync,
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
