@@ -1,6 +1,6 @@
-//! Quickstart: define a task once, run a CPU-bound batch of it serially and then on a
-//! `ThreadPool`, stream the pool's results with `as_completed` behind a progress bar, and
-//! compare the wall times.
+//! Quickstart: define a task once, run a CPU-bound batch of it serially, then on a `ThreadPool`
+//! and on a `ProcessPool`, stream each pool's results with `as_completed` behind a progress
+//! bar, and compare the wall times.
 //!
 //! Run it from the workspace root (release: the serial baseline takes a few seconds):
 //!
@@ -10,9 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use offload::prelude::*;
+use offload::prelude::*; // `Executor`, `TaskError`, ... and `StreamExt` for `.next()`
 
 /// How many ranges to count primes in, and how wide each one is.
 const RANGES: u64 = 64;
@@ -34,6 +33,9 @@ fn ranges() -> impl Iterator<Item = (u64, u64)> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // ProcessPool workers re-run this program: in them, `init` serves tasks and never returns.
+    offload::init();
+
     let limit = RANGES * WIDTH;
     println!("counting the primes below {limit} in {RANGES} ranges");
 
@@ -42,36 +44,51 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let serial: u64 = ranges().map(|(lo, hi)| count_primes(lo, hi)).sum();
     let serial_time = start.elapsed();
-    println!("serial:      {serial} primes in {serial_time:.2?}");
+    println!("serial:       {serial} primes in {serial_time:.2?}");
 
-    // 2. A thread pool: one worker per CPU. Submitting returns a handle (a future) at once;
-    //    `as_completed` yields `(index, result)` as each task finishes, in any order.
-    let pool = offload::ThreadPool::builder()
+    // 2. A thread pool: one worker thread per CPU.
+    let threads = offload::ThreadPool::builder()
         .thread_name("primes")
         .build()?;
+    let thread_time = run_batch(&threads, "thread pool", serial).await?;
+
+    // 3. A process pool: one worker process per CPU, running the very same `CountPrimes`
+    //    tasks. A crash in a task would take down only its worker, not this program.
+    let processes = offload::ProcessPool::builder().build()?;
+    let process_time = run_batch(&processes, "process pool", serial).await?;
+
+    println!(
+        "speedup:      {:.2}x on threads, {:.2}x on processes",
+        speedup(serial_time, thread_time),
+        speedup(serial_time, process_time),
+    );
+    // Dropping the pools shuts them down without blocking; every task has finished already.
+    Ok(())
+}
+
+/// Runs the batch on any executor and checks its total against the serial one. Submitting
+/// returns a handle (a future) at once; `as_completed` yields `(index, result)` as each task
+/// finishes, in any order.
+async fn run_batch(pool: &impl Executor, name: &str, serial: u64) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let handles: Vec<_> = ranges()
         .map(|(lo, hi)| pool.submit(CountPrimes { lo, hi }))
         .collect();
     let bar = progress_bar(handles.len());
     let mut results = offload::as_completed(handles);
-    let mut pooled = 0;
+    let mut total = 0;
     while let Some((index, result)) = results.next().await {
-        pooled += result?; // a `TaskError`: the task panicked, was cancelled, ...
+        total += result?; // a `TaskError`: the task panicked, its worker crashed, ...
         bar.set_message(format!("range {index} done"));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let pooled_time = start.elapsed();
+    let elapsed = start.elapsed();
     let workers = pool.workers();
-    println!("thread pool: {pooled} primes in {pooled_time:.2?} ({workers} workers)");
-    anyhow::ensure!(pooled == serial, "pooled {pooled} != serial {serial}");
-    println!("speedup:     {:.2}x", speedup(serial_time, pooled_time));
-
-    // 3. ProcessPool: the same `CountPrimes` tasks in worker processes (coming soon).
-
-    // Dropping the pool shuts it down without blocking; every task has finished already.
-    Ok(())
+    let label = format!("{name}:");
+    println!("{label:<13} {total} primes in {elapsed:.2?} ({workers} workers)");
+    anyhow::ensure!(total == serial, "{name}: {total} != serial {serial}");
+    Ok(elapsed)
 }
 
 /// A bar on stderr; indicatif hides it when stderr is not a terminal, so logs stay clean.
