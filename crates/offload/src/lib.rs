@@ -135,10 +135,12 @@ pub mod thread {
 #[cfg(feature = "process")]
 pub use offload_process::{init, ProcessPool, ProcessPoolBuilder};
 
-/// The process backend, with its build error.
+/// The process backend: its build error, per-task options and statistics.
 #[cfg(feature = "process")]
 pub mod process {
-    pub use offload_process::{init, BuildError, ProcessPool, ProcessPoolBuilder};
+    pub use offload_process::{
+        init, BuildError, InitOutput, PoolStats, ProcessPool, ProcessPoolBuilder, TaskOptions,
+    };
 }
 
 /// The names most code needs: `use offload::prelude::*;`. Includes `futures`' `StreamExt`,
