@@ -956,6 +956,93 @@ fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
     }
 }
 
+// ---------------------------------------------------------------- security (issue 5)
+
+/// True if `text` contains a run of 64 hex digits: what a leaked token would look like.
+fn has_token_like(text: &str) -> bool {
+    let mut run = 0;
+    for c in text.chars() {
+        run = if c.is_ascii_hexdigit() { run + 1 } else { 0 };
+        if run >= 64 {
+            return true;
+        }
+    }
+    false
+}
+
+fn the_token_is_on_no_command_line_in_no_environment_and_in_no_log() {
+    let before = children();
+    let pool = pool(2);
+    wait(pool.submit(Log("security".into()))).unwrap();
+    for pid in children().difference(&before) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["/proc/self/exe"],
+            "a worker's command line is the program alone"
+        );
+        let environ =
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
+                .into_owned();
+        assert!(
+            !has_token_like(&environ),
+            "no token in a worker's environment"
+        );
+    }
+    assert!(
+        !LOGS.lock().unwrap().iter().any(|l| has_token_like(l)),
+        "no token in logs"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_worker_holds_only_its_standard_streams_and_its_connection() {
+    let before = children();
+    let pool = pool(1);
+    wait(pool.submit(Square(1))).unwrap();
+    let worker = *children().difference(&before).next().unwrap();
+    let fds: Vec<(u32, String)> = std::fs::read_dir(format!("/proc/{worker}/fd"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let fd = e.file_name().to_string_lossy().parse().unwrap();
+            let target = std::fs::read_link(e.path())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (fd, target)
+        })
+        .collect();
+    let extra: Vec<&(u32, String)> = fds.iter().filter(|(fd, _)| *fd > 2).collect();
+    assert_eq!(
+        extra.len(),
+        1,
+        "one descriptor beyond 0-2, its connection: {fds:?}"
+    );
+    assert!(extra[0].1.starts_with("socket:"), "{fds:?}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn the_socket_is_abstract_so_no_file_can_have_the_wrong_mode() {
+    let before: HashSet<String> = pool_sockets().into_iter().collect();
+    let pool = pool(1);
+    let sockets: Vec<String> = pool_sockets()
+        .into_iter()
+        .filter(|s| !before.contains(s))
+        .collect();
+    assert_eq!(sockets.len(), 1);
+    // /proc/net/unix lists abstract names with a leading '@' (see pool_sockets): no path
+    // exists on disk for another user to open, whatever the umask.
+    assert!(!std::path::Path::new(&sockets[0]).exists());
+    assert!(!std::env::temp_dir().join(&sockets[0]).exists());
+    assert!(pool.join_timeout(LIMIT));
+}
+
 // ---------------------------------------------------------------- runner
 
 const ROLE: &str = "OFFLOAD_TEST_ROLE";
@@ -1067,6 +1154,9 @@ fn main() {
         the_pool_grows_on_demand_and_shrinks_back_when_idle,
         stats_count_what_happened,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
+        the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
+        a_worker_holds_only_its_standard_streams_and_its_connection,
+        the_socket_is_abstract_so_no_file_can_have_the_wrong_mode,
         public_types_are_send_and_sync,
     ];
     let filter: Vec<String> = std::env::args()
