@@ -54,7 +54,7 @@ pub use error::{SubmitError, TaskError};
 pub use executor::{BatchHandle, Either, Executor};
 pub use handle::TaskHandle;
 pub use map::{Map, MapUnordered};
-pub use registry::{find_task, registered_tasks, LookupError, TaskEntry};
+pub use registry::{encode, find_task, registered_tasks, LookupError, TaskEntry};
 pub use task::Task;
 pub use unwind::catch_task_panic;
 pub use wait::{as_completed, wait, AsCompleted, ReturnWhen, Wait, Waited};

@@ -47,7 +47,24 @@ impl TaskEntry {
 fn invoke<T: Task>(input: &[u8]) -> Result<Vec<u8>, TaskError> {
     let task: T = postcard::from_bytes(input).map_err(|e| TaskError::serialization(T::NAME, e))?;
     let output = catch_task_panic(T::NAME, move || task.run())?;
-    postcard::to_stdvec(&output).map_err(|e| TaskError::serialization(T::NAME, e))
+    encode(&output).map_err(|e| TaskError::serialization(T::NAME, e))
+}
+
+/// Encodes `value` with postcard, the format of every task and output on the wire.
+///
+/// # Errors
+///
+/// The reason the value does not serialize. Postcard drops the message of a custom
+/// `Serialize` error ("Serde Serialization Error"); it is recovered here by serializing
+/// again with a format that keeps it, on the error path only.
+pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(value).map_err(|e| match e {
+        postcard::Error::SerdeSerCustom => match serde_json::to_vec(value) {
+            Err(json) => json.to_string(),
+            Ok(_) => e.to_string(),
+        },
+        other => other.to_string(),
+    })
 }
 
 /// Registers a task type that implements [`Task`] by hand, so process workers can find it.
@@ -193,6 +210,18 @@ mod tests {
             entry.invoke(&input).unwrap_err().panic_message(),
             Some("unlucky")
         );
+    }
+
+    #[test]
+    fn a_custom_serialize_error_keeps_its_message() {
+        struct Refuses;
+        impl serde::Serialize for Refuses {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("refused: no network handles"))
+            }
+        }
+        assert_eq!(encode(&Refuses).unwrap_err(), "refused: no network handles");
+        assert_eq!(encode(&7u8).unwrap(), vec![7]);
     }
 
     #[test]

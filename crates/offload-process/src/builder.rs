@@ -143,7 +143,7 @@ impl ProcessPoolBuilder {
         T::Output: InitOutput,
     {
         self.initializer = Some(
-            postcard::to_stdvec(&task)
+            offload_core::encode(&task)
                 .map(|bytes| Initializer {
                     name: T::NAME,
                     input: Blob::new(bytes),

@@ -197,7 +197,7 @@ impl ProcessPool {
     }
 
     fn encode<T: Task>(&self, task: &T) -> Result<Blob, TaskError> {
-        let bytes = postcard::to_stdvec(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
+        let bytes = offload_core::encode(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
         if bytes.len() > limit {
             return Err(TaskError::serialization(

@@ -88,6 +88,40 @@ task!(InitFails(String) -> Result<(), String>, |s| {
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
+/// A value whose serialization always fails, as a broken `Serialize` impl would.
+#[derive(Debug, Deserialize)]
+struct Unserializable;
+impl Serialize for Unserializable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(
+            "this value refuses to be serialized",
+        ))
+    }
+}
+task!(TakesBad(Unserializable) -> u32, |_s| 1);
+task!(GivesBad() -> Unserializable, |_s| Unserializable);
+task!(Recurse(u64) -> u64, |s| {
+    fn deep(n: u64) -> u64 {
+        let pad = [n; 64]; // a frame big enough to exhaust the stack quickly
+        if n == 0 { 0 } else { deep(n - 1) + std::hint::black_box(pad)[0] % 2 }
+    }
+    deep(s.0)
+});
+task!(CloseStdio() -> (), |_s| {
+    // SAFETY: closing our own standard descriptors; nothing else uses them afterwards but
+    // std's stdio, which tolerates a closed descriptor.
+    unsafe {
+        libc::close(1);
+        libc::close(2);
+    }
+});
+task!(WriteGarbage() -> u32, |_s| {
+    let garbage: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    std::io::stdout().write_all(&garbage).unwrap();
+    std::io::stderr().write_all(&garbage).unwrap();
+    7
+});
+
 fn temp_path(tag: &str) -> String {
     let path = std::env::temp_dir().join(format!(
         "offload-test-{}-{tag}-{:?}",
@@ -956,6 +990,83 @@ fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
     }
 }
 
+// ---------------------------------------------------------------- bad input (issue 5)
+
+fn arguments_and_outputs_that_fail_to_serialize_are_clear_errors() {
+    let pool = pool(1);
+    let err = wait(pool.submit(TakesBad(Unserializable))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("this value refuses to be serialized"),
+        "{err}"
+    );
+    let err = wait(pool.submit(GivesBad())).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("this value refuses to be serialized"),
+        "{err}"
+    );
+    assert_eq!(wait(pool.submit(Square(2))), Ok(4));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_stack_overflow_kills_only_its_worker_and_the_error_names_the_signal() {
+    let pool = pool(1);
+    let err = wait(pool.submit(Recurse(u64::MAX))).unwrap_err();
+    match &err {
+        TaskError::WorkerCrashed {
+            signal: Some(_), ..
+        } => {}
+        other => panic!("expected a crash by signal, got {other}"),
+    }
+    assert!(err.to_string().contains("was killed by signal"), "{err}");
+    assert_eq!(wait(pool.submit(Square(3))), Ok(9));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn garbage_or_closed_stdio_in_a_task_does_not_disturb_the_pool() {
+    let out = Command::new("/proc/self/exe")
+        .env(ROLE, "stdio-abuser")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.windows(4).any(|w| w == [252, 253, 254, 255]),
+        "garbage passed through"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stdio-abuser done"));
+}
+
+fn stdio_abuser() {
+    let pool = pool(1);
+    assert_eq!(wait(pool.submit(WriteGarbage())), Ok(7));
+    assert_eq!(wait(pool.submit(CloseStdio())), Ok(()));
+    assert_eq!(wait(pool.submit(Square(5))), Ok(25), "the worker serves on");
+    assert_eq!(wait(pool.submit(Print("into the void".into()))), Ok(()));
+    assert!(pool.join_timeout(LIMIT));
+    println!("stdio-abuser done");
+}
+
+fn a_worker_program_that_is_not_executable_is_a_clear_error() {
+    let path = temp_path("not-executable");
+    std::fs::write(&path, "not a program").unwrap();
+    let err = ProcessPool::builder()
+        .worker_program(&path)
+        .workers(1)
+        .build()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&path), "{text}");
+    assert!(text.contains("ermission denied"), "{text}");
+    let _ = std::fs::remove_file(&path);
+}
+
 // ---------------------------------------------------------------- security (issue 5)
 
 /// True if `text` contains a run of 64 hex digits: what a leaked token would look like.
@@ -1121,6 +1232,7 @@ fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("orphan-parent") => return orphan_parent(),
         Ok("printer") => return printer(),
+        Ok("stdio-abuser") => return stdio_abuser(),
         _ => {}
     }
     tracing::subscriber::set_global_default(Capture).unwrap();
@@ -1157,6 +1269,10 @@ fn main() {
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
         a_worker_holds_only_its_standard_streams_and_its_connection,
         the_socket_is_abstract_so_no_file_can_have_the_wrong_mode,
+        arguments_and_outputs_that_fail_to_serialize_are_clear_errors,
+        a_stack_overflow_kills_only_its_worker_and_the_error_names_the_signal,
+        garbage_or_closed_stdio_in_a_task_does_not_disturb_the_pool,
+        a_worker_program_that_is_not_executable_is_a_clear_error,
         public_types_are_send_and_sync,
     ];
     let filter: Vec<String> = std::env::args()
