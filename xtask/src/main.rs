@@ -27,6 +27,10 @@ commands:
                       run the offload-bench harness in release mode; ARGS are
                       passed on; results go to target/bench/results.json unless
                       --out is given
+  fuzz [--seconds N]  run every cargo-fuzz target (crates/offload-ipc/fuzz) for N
+                      seconds in total (default 60), split evenly; installs
+                      cargo-fuzz if it is missing; crash inputs land in
+                      crates/offload-ipc/fuzz/artifacts/
   help                print this text
 
 The advisory database cannot be fetched on our machines, so `deny` never runs
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         "deny" => no_args(command, rest).and_then(|()| deny()),
         "docs" => no_args(command, rest).and_then(|()| docs()),
         "bench" => bench(rest),
+        "fuzz" => fuzz(rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -151,16 +156,23 @@ fn docs() -> Result<(), String> {
 /// The cargo-deny release whose `deny.toml` schema we follow.
 const CARGO_DENY: &str = "cargo-deny@^0.20";
 
-fn deny() -> Result<(), String> {
-    match Cmd::cargo().args(["deny", "--version"]).probe() {
+/// Makes sure `cargo <subcommand>` works, installing `spec` with `cargo install --locked`
+/// when it does not.
+fn ensure_cargo_tool(subcommand: &str, spec: &str) -> Result<(), String> {
+    match Cmd::cargo().args([subcommand, "--version"]).probe() {
         Some(version) => eprintln!("using {version}"),
         None => {
-            eprintln!("cargo-deny is not installed; installing it (this takes a few minutes)");
-            Cmd::cargo()
-                .args(["install", "--locked", CARGO_DENY])
-                .run()?;
+            eprintln!(
+                "cargo {subcommand} is not installed; installing {spec} (this takes a while)"
+            );
+            Cmd::cargo().args(["install", "--locked", spec]).run()?;
         }
     }
+    Ok(())
+}
+
+fn deny() -> Result<(), String> {
+    ensure_cargo_tool("deny", CARGO_DENY)?;
     // No `--offline`: cargo-deny fetches the crate sources it reads licences
     // from, which a fresh machine does not have yet. That fetch only reaches
     // crates.io; the advisory database (the one download we cannot make) is
@@ -189,4 +201,42 @@ fn bench(args: &[String]) -> Result<(), String> {
         cmd = cmd.args(["--out", "target/bench/results.json"]);
     }
     cmd.run()
+}
+
+/// The cargo-fuzz release the fuzz crate is written for.
+const CARGO_FUZZ: &str = "cargo-fuzz@^0.13";
+
+/// Where the fuzz targets live (a crate of its own, outside the workspace).
+const FUZZ_DIR: &str = "crates/offload-ipc/fuzz";
+
+/// The targets `cargo xtask fuzz` runs.
+const FUZZ_TARGETS: [&str; 2] = ["frame_decoder", "handshake"];
+
+fn fuzz(args: &[String]) -> Result<(), String> {
+    let seconds = match args {
+        [] => 60,
+        [flag, n] if flag == "--seconds" => n
+            .parse::<u64>()
+            .map_err(|_| format!("--seconds takes a whole number, not `{n}`"))?,
+        _ => return Err("usage: cargo xtask fuzz [--seconds N]".to_owned()),
+    };
+    ensure_cargo_tool("fuzz", CARGO_FUZZ)?;
+    let each = (seconds / FUZZ_TARGETS.len() as u64).max(1);
+    for target in FUZZ_TARGETS {
+        // cargo-fuzz builds with sanitizer flags that only nightly accepts; this machine has
+        // one stable toolchain, which accepts them with RUSTC_BOOTSTRAP.
+        Cmd::cargo()
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target, "--fuzz-dir", FUZZ_DIR, "--"])
+            .args([
+                format!("-max_total_time={each}"),
+                "-rss_limit_mb=2048".to_owned(),
+            ])
+            .run()?;
+    }
+    eprintln!(
+        "fuzz: {} targets, {each} s each, no crash",
+        FUZZ_TARGETS.len()
+    );
+    Ok(())
 }
