@@ -1053,6 +1053,23 @@ fn stdio_abuser() {
     println!("stdio-abuser done");
 }
 
+fn a_worker_that_skipped_init_cannot_start_a_cascade_of_pools() {
+    // What a worker process whose `main` forgot `init()` sees when it reaches its own pool.
+    std::env::set_var(
+        offload_ipc::transport::ENV_SOCKET,
+        "offload-test-not-a-pool",
+    );
+    let result = ProcessPool::builder().workers(1).build();
+    std::env::remove_var(offload_ipc::transport::ENV_SOCKET);
+    let err = result.unwrap_err();
+    assert!(matches!(err, BuildError::InsideWorker), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "this process was started as an offload worker but is building a pool: call \
+         offload::init() at the top of main, before anything else"
+    );
+}
+
 fn a_worker_program_that_is_not_executable_is_a_clear_error() {
     let path = temp_path("not-executable");
     std::fs::write(&path, "not a program").unwrap();
@@ -1273,6 +1290,7 @@ fn main() {
         a_stack_overflow_kills_only_its_worker_and_the_error_names_the_signal,
         garbage_or_closed_stdio_in_a_task_does_not_disturb_the_pool,
         a_worker_program_that_is_not_executable_is_a_clear_error,
+        a_worker_that_skipped_init_cannot_start_a_cascade_of_pools,
         public_types_are_send_and_sync,
     ];
     let filter: Vec<String> = std::env::args()
