@@ -82,37 +82,29 @@ impl<T> Shared<T> {
     /// call finished it. A result that arrives after a cancel is dropped, outside the lock,
     /// since its destructor is user code.
     pub(crate) fn finish(&self, result: Result<T, TaskError>) -> bool {
+        self.resolve(result, false)
+    }
+
+    /// Cancels the task unless it already finished. Returns whether this call cancelled it.
+    pub(crate) fn cancel(&self) -> bool {
+        self.resolve(Err(TaskError::cancelled(self.name)), true)
+    }
+
+    /// Moves the task to `Done` with `result`, then, outside the lock, wakes whoever waits and
+    /// (for a cancel) runs the backend's cancel hook. The one place a task becomes `Done`.
+    fn resolve(&self, result: Result<T, TaskError>, cancelling: bool) -> bool {
         let mut inner = self.lock();
         if inner.status == Status::Done {
             drop(inner);
             drop(result);
             return false;
         }
+        if cancelling {
+            self.cancel.raise();
+        }
         inner.status = Status::Done;
         inner.result = Some(result);
-        inner.on_cancel = None;
-        let waker = inner.waker.take();
-        let blocked = inner.blocked > 0;
-        drop(inner);
-        if blocked {
-            self.done.notify_all();
-        }
-        if let Some(w) = waker {
-            w.wake();
-        }
-        true
-    }
-
-    /// Cancels the task unless it already finished. Returns whether this call cancelled it.
-    pub(crate) fn cancel(&self) -> bool {
-        let mut inner = self.lock();
-        if inner.status == Status::Done {
-            return false;
-        }
-        self.cancel.raise();
-        inner.status = Status::Done;
-        inner.result = Some(Err(TaskError::cancelled(self.name)));
-        let hook = inner.on_cancel.take();
+        let hook = inner.on_cancel.take().filter(|_| cancelling);
         let waker = inner.waker.take();
         let blocked = inner.blocked > 0;
         drop(inner);

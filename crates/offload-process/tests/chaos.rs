@@ -8,7 +8,9 @@
 
 #![allow(clippy::unwrap_used)] // a test fails loudly by design
 
-use std::collections::HashSet;
+mod common;
+
+use common::{alive, children};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,31 +41,6 @@ fn expected(i: u64) -> u64 {
     i.wrapping_mul(2_654_435_761)
 }
 
-/// Direct children of this process, from /proc.
-fn children() -> HashSet<u32> {
-    let mut out = HashSet::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let path = task.unwrap().path().join("children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z")
-    })
-}
-
-/// SIGKILLs a random child every `KILL_EVERY` until stopped; returns how many it killed.
 fn start_killer(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut seed = u64::from(std::process::id()) | 1;

@@ -6,7 +6,11 @@
 
 #![allow(clippy::unwrap_used)] // a test fails loudly by design
 
+mod common;
+
 use std::collections::HashSet;
+
+use common::{alive, children};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,33 +168,6 @@ fn wait<T>(mut handle: TaskHandle<T>) -> Result<T, TaskError> {
     handle
         .wait_timeout(LIMIT)
         .expect("task did not finish within the limit")
-}
-
-/// Direct children of this process (Linux), from /proc.
-fn children() -> HashSet<u32> {
-    let mut out = HashSet::new();
-    for task in std::fs::read_dir("/proc/self/task").unwrap() {
-        let path = task.unwrap().path().join("children");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    out
-}
-
-/// True while `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z"),
-        Err(_) => false,
-    }
 }
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -582,12 +559,16 @@ fn dropping_and_joining_leave_no_zombie_and_no_orphan() {
     });
 }
 
-fn workers_die_with_their_parent() {
-    let mut parent = Command::new("/proc/self/exe")
-        .env(ROLE, "orphan-parent")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Starts this binary as an "orphan-parent" (a pool of 2 that prints its workers' pids and
+/// waits), optionally in its own process group like a terminal's job; returns it and the pids.
+fn spawn_orphan_parent(own_group: bool) -> (std::process::Child, Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new("/proc/self/exe");
+    command.env(ROLE, "orphan-parent").stdout(Stdio::piped());
+    if own_group {
+        command.process_group(0);
+    }
+    let mut parent = command.spawn().unwrap();
     let mut line = String::new();
     let mut stdout = parent.stdout.take().unwrap();
     let mut byte = [0u8; 1];
@@ -601,6 +582,11 @@ fn workers_die_with_their_parent() {
         .collect();
     assert_eq!(workers.len(), 2, "{line}");
     assert!(workers.iter().all(|p| alive(*p)));
+    (parent, workers)
+}
+
+fn workers_die_with_their_parent() {
+    let (mut parent, workers) = spawn_orphan_parent(false);
     parent.kill().unwrap();
     parent.wait().unwrap();
     std::thread::sleep(Duration::from_secs(2));
@@ -951,24 +937,7 @@ fn stats_count_what_happened() {
 
 fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        use std::os::unix::process::CommandExt;
-        let mut parent = Command::new("/proc/self/exe")
-            .env(ROLE, "orphan-parent")
-            .process_group(0) // like a terminal's foreground job
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let mut stdout = parent.stdout.take().unwrap();
-        let mut byte = [0u8; 1];
-        while !line.ends_with('\n') {
-            assert_eq!(stdout.read(&mut byte).unwrap(), 1, "parent ended early");
-            line.push(byte[0] as char);
-        }
-        let workers: Vec<u32> = line
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
+        let (mut parent, workers) = spawn_orphan_parent(true);
         // SAFETY: kill(2) with a negative pid signals the parent's process group.
         unsafe { libc::kill(-(parent.id() as i32), signal) };
         let (tx, rx) = mpsc::channel();
