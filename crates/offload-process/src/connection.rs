@@ -66,6 +66,10 @@ pub(crate) enum Event {
     },
     /// Time to stop workers that have been idle for the idle timeout.
     IdleCheck,
+    /// A worker exited some time ago: settle it even if its connection is still open.
+    Settle {
+        pid: u32,
+    },
 }
 
 /// What the handshake needs to know about the pool.

@@ -287,9 +287,15 @@ impl Scheduler {
                     // A worker that never got its connection has nothing left to read.
                     if worker.disconnected || worker.writer.is_none() {
                         self.finalize(pid);
+                    } else {
+                        // Its results are read before it is settled; but if something else
+                        // holds its connection open (a child it forked), the end of the
+                        // connection may never come: settle it after a grace period anyway.
+                        self.after(EXIT_GRACE, Event::Settle { pid });
                     }
                 }
             }
+            Event::Settle { pid } => self.finalize(pid),
             Event::Deadline { pid, id, timeout } => {
                 self.kill_if_running(pid, id, Kill::TimedOut(timeout))
             }

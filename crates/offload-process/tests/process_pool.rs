@@ -111,6 +111,18 @@ task!(Recurse(u64) -> u64, |s| {
     }
     deep(s.0)
 });
+task!(ForkAndDie() -> (), |_s| {
+    // The forked child inherits the worker's connection and keeps it open after the worker
+    // dies, so the pool never sees that connection end.
+    // SAFETY: the child only sleeps and exits (async-signal-safe calls).
+    unsafe {
+        if libc::fork() == 0 {
+            libc::sleep(5);
+            libc::_exit(0);
+        }
+        libc::_exit(9);
+    }
+});
 task!(CloseStdio() -> (), |_s| {
     // SAFETY: closing our own standard descriptors; nothing else uses them afterwards but
     // std's stdio, which tolerates a closed descriptor.
@@ -1039,6 +1051,20 @@ fn a_worker_that_skipped_init_cannot_start_a_cascade_of_pools() {
     );
 }
 
+fn a_worker_whose_connection_outlives_it_is_still_settled() {
+    let pool = pool(1);
+    let started = Instant::now();
+    let err = wait(pool.submit(ForkAndDie())).unwrap_err();
+    assert!(err.to_string().contains("exited with code 9"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(wait(pool.submit(Square(8))), Ok(64));
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn a_worker_program_that_is_not_executable_is_a_clear_error() {
     let path = temp_path("not-executable");
     std::fs::write(&path, "not a program").unwrap();
@@ -1260,6 +1286,7 @@ fn main() {
         garbage_or_closed_stdio_in_a_task_does_not_disturb_the_pool,
         a_worker_program_that_is_not_executable_is_a_clear_error,
         a_worker_that_skipped_init_cannot_start_a_cascade_of_pools,
+        a_worker_whose_connection_outlives_it_is_still_settled,
         public_types_are_send_and_sync,
     ];
     let filter: Vec<String> = std::env::args()
