@@ -91,13 +91,17 @@ fn die_with_parent() {
     }
 }
 
-/// Caps the worker's heap. RLIMIT_DATA (Linux 4.7+) counts the heap and private mappings,
-/// not the address space reserved for thread stacks and libraries, so a small limit does not
-/// break a healthy worker. An allocation past it fails, and Rust aborts the worker.
+/// Gives tasks `bytes` of memory on top of what the worker uses already. RLIMIT_DATA (Linux
+/// 4.7+) counts the heap and private writable mappings, thread stacks included, so the limit
+/// is set relative to the worker's own baseline: a small limit does not starve the worker
+/// itself. An allocation past it fails, and Rust aborts the worker.
+///
+/// Called on the task thread before its first task, once the worker's threads exist.
 fn limit_memory(bytes: u64) -> Result<(), WorkerExit> {
+    let total = data_segment_bytes().saturating_add(bytes);
     let limit = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: bytes,
+        rlim_cur: total,
+        rlim_max: total,
     };
     // SAFETY: setrlimit reads the struct we pass and nothing else.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) };
@@ -111,6 +115,18 @@ fn limit_memory(bytes: u64) -> Result<(), WorkerExit> {
         ));
     }
     Ok(())
+}
+
+/// What the kernel counts against RLIMIT_DATA now (`VmData`), or 0 where it cannot be read.
+fn data_segment_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmData:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 fn serve(socket: &OsString) -> Result<(), WorkerExit> {
@@ -144,17 +160,12 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     }));
 
     let mut reader = Reader::new(stream);
-    let (max_log_level, max_frame) = match reader.next()? {
+    let (max_log_level, max_frame, memory_limit) = match reader.next()? {
         Some(ToWorker::Welcome {
             max_log_level,
             max_frame,
             memory_limit,
-        }) => {
-            if let Some(limit) = memory_limit {
-                limit_memory(limit)?;
-            }
-            (max_log_level, max_frame)
-        }
+        }) => (max_log_level, max_frame, memory_limit),
         Some(ToWorker::Refused { reason }) => {
             return Err(WorkerExit::new(
                 exit_code::NO_PARENT,
@@ -194,7 +205,19 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     let runner = std::thread::Builder::new()
         .name("offload-task".into())
         .stack_size(TASK_STACK)
-        .spawn(move || run_requests(&work_rx, outbox, cancels))
+        .spawn(move || {
+            if let Some(limit) = memory_limit {
+                if let Err(WorkerExit { code, message }) = limit_memory(limit) {
+                    eprintln!(
+                        "offload worker {}: {}",
+                        std::process::id(),
+                        message.unwrap_or_default()
+                    );
+                    std::process::exit(code);
+                }
+            }
+            run_requests(&work_rx, outbox, cancels);
+        })
         .map_err(|e| {
             WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
         })?;

@@ -134,8 +134,8 @@ impl ProcessPoolBuilder {
 
     /// Runs `task` in each worker before its first task (to load a model, warm a cache, ...).
     /// It may return `()` or `Result<(), E>`; a panic or an `Err` is a failure. A failure at
-    /// startup fails [`build`](Self::build); later, a few failures in a row break the pool
-    /// (every pending and later task fails with [`TaskError::PoolBroken`](offload_core::TaskError))
+    /// startup fails [`build`](Self::build); later, 3 failures in a row break the pool
+    /// (every queued and later task fails with [`TaskError::PoolBroken`](offload_core::TaskError))
     /// instead of crash-looping.
     pub fn initializer<T>(mut self, task: T) -> Self
     where
@@ -200,10 +200,11 @@ impl ProcessPoolBuilder {
         let initializer = self.initializer.transpose().map_err(BuildError::Startup)?;
         let token = new_token().map_err(BuildError::Io)?;
         let socket = new_socket_name().map_err(BuildError::Io)?;
+        let max_workers = self.max_workers.unwrap_or(workers).max(workers);
         let settings = Settings {
             program,
             workers,
-            max_workers: self.max_workers.unwrap_or(workers).max(workers),
+            max_workers,
             idle_timeout: self.idle_timeout,
             window: self.window,
             socket,
@@ -224,7 +225,7 @@ impl ProcessPoolBuilder {
         Ok(ProcessPool::new_started(
             commands,
             thread,
-            workers,
+            max_workers,
             self.max_frame,
             self.defaults,
             stats,

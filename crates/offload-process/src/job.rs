@@ -244,7 +244,15 @@ pub(crate) fn check_init<O: InitOutput>(
     name: &'static str,
     output: Result<Blob, WireError>,
 ) -> Result<(), String> {
+    // The error names the initializer once, so say what happened without the task prefix.
     decode::<O>(name, output)
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            TaskError::Panicked { message, .. } => format!("panicked: {message}"),
+            TaskError::Serialization { message, .. } => {
+                format!("could not be (de)serialized: {message}")
+            }
+            TaskError::UnknownTask { .. } => "is not registered in the worker program".to_owned(),
+            other => other.to_string(),
+        })
         .and_then(InitOutput::into_result)
 }

@@ -7,8 +7,8 @@
 //!   per-pool random token, received on its stdin; protocol version and build are checked.
 //! - One central queue feeds a small in-flight window per worker; writes and reads are
 //!   coalesced, so a burst of tiny tasks costs few syscalls.
-//! - A worker that dies fails only the task(s) it held, with its pid and exit code or signal
-//!   in the error, and is replaced. Workers die with the parent (socket EOF, and
+//! - A worker that dies fails only the task it was running, with its pid and exit code or
+//!   signal in the error; tasks queued behind it run elsewhere, and it is replaced. Workers die with the parent (socket EOF, and
 //!   `PR_SET_PDEATHSIG` on Linux).
 //! - `tracing` events in tasks reach the parent's subscriber, inside a span with `worker.pid`
 //!   and `task.name`.

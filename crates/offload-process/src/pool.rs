@@ -251,6 +251,8 @@ impl Executor for ProcessPool {
         Ok(handle)
     }
 
+    /// The most workers the pool runs at once: its size, or `max_workers` when elastic (so
+    /// `map` keeps enough work in flight for the pool to grow).
     fn workers(&self) -> usize {
         self.inner.workers
     }

@@ -71,6 +71,9 @@ enum Kill {
     Cancelled,
 }
 
+/// Exit codes of a worker that could not start serving (see `offload_ipc::worker`).
+const WORKER_START_FAILURE: [i32; 2] = [70, 71];
+
 struct Worker {
     /// `None` until the handshake, and again once the connection ended.
     writer: Option<UnboundedSender<ToWorker>>,
@@ -88,7 +91,8 @@ struct Worker {
     idle_since: Option<tokio::time::Instant>,
     /// The initializer's request while it runs; no work is sent before it succeeds.
     init: Option<RequestId>,
-    kill: Option<Kill>,
+    /// The request the scheduler killed this worker for, and why.
+    kill: Option<(RequestId, Kill)>,
 }
 
 impl Worker {
@@ -330,6 +334,11 @@ impl Scheduler {
             self.start_failures = 0;
         }
         worker.writer = Some(writer);
+        let initializing = worker.init.is_some();
+        if !initializing {
+            // An extra worker that never gets work must still be able to time out.
+            self.note_if_idle(pid);
+        }
     }
 
     fn on_message(&mut self, pid: u32, message: ToParent) {
@@ -478,7 +487,7 @@ impl Scheduler {
             .unwrap_or_else(|| "a worker failed to start".to_owned());
         if matches!(self.startup, Startup::Starting) || self.start_failures >= MAX_START_FAILURES {
             let reason = if self.start_failures > 1 {
-                format!("{reason} ({} times in a row)", self.start_failures)
+                format!("{reason}, {} times in a row", self.start_failures)
             } else {
                 reason
             };
@@ -519,7 +528,7 @@ impl Scheduler {
                 self.settings.cancel_grace
             ),
         }
-        worker.kill = Some(kill);
+        worker.kill = Some((id, kill));
         worker.killer.kill();
     }
 
@@ -568,8 +577,8 @@ impl Scheduler {
         let (mut text, signal, code) = spawner::describe(status);
         if let (Some(limit), Some(6 | 9 | 11)) = (self.settings.memory_limit, signal) {
             text.push_str(&format!(
-                " (the pool's memory limit is {} MiB; the task may have exceeded it)",
-                limit >> 20
+                ", perhaps for exceeding the pool's memory limit of {},",
+                human_bytes(limit)
             ));
         }
         let mut sent = worker.sent.into_iter();
@@ -583,24 +592,36 @@ impl Scheduler {
         }
         let front = front.and_then(|id| self.in_flight.remove(&id).map(|(_, job)| job));
 
-        match (worker.kill, front) {
+        // The request the kill was for, if it is still the one running. Its answer may have
+        // come in just before the kill landed: then whatever ran next was killed through no
+        // fault of its own, and is treated as an honest crash.
+        let kill = worker
+            .kill
+            .filter(|(id, _)| front.as_ref().is_some_and(|job| job.id == *id))
+            .map(|(_, kill)| kill);
+        let failed_to_start = !worker.connected
+            || worker.init.is_some()
+            || (worker.served == 0 && code.is_some_and(|c| WORKER_START_FAILURE.contains(&c)));
+        match (kill, front) {
             (Some(Kill::TimedOut(timeout)), Some(job)) => {
                 self.retry_or_fail(job, Failure::TimedOut(timeout));
             }
             // Its handle already resolved as cancelled; the late result has nowhere to go.
             (Some(Kill::Cancelled), Some(job)) => drop(job),
-            (_, front) if !worker.connected || worker.init.is_some() => {
+            (_, front) if failed_to_start => {
                 if worker.retiring && front.is_none() {
                     tracing::debug!(worker.pid = pid, "worker {pid} {text}");
                 } else {
                     let reason = self.last_start_error.take().unwrap_or_else(|| {
-                        if worker.connected {
-                            format!("worker {pid} {text} while running the pool initializer")
-                        } else {
+                        if !worker.connected {
                             format!(
                                 "worker {pid} {text} before connecting to the pool; does the \
                                  worker program call offload::init() at the top of main?"
                             )
+                        } else if worker.init.is_some() {
+                            format!("worker {pid} {text} while running the pool initializer")
+                        } else {
+                            format!("worker {pid} {text} before serving (its stderr says why)")
                         }
                     });
                     tracing::warn!(worker.pid = pid, "{reason}");
@@ -614,23 +635,28 @@ impl Scheduler {
             (_, None) if worker.retiring => {
                 tracing::debug!(worker.pid = pid, "worker {pid} {text}")
             }
-            (_, front) => {
+            (_, None) => {
                 self.stats.crashed += 1;
-                let name = front.as_ref().map_or("no task", |j| j.name);
+                tracing::warn!(
+                    worker.pid = pid,
+                    "idle worker {pid} {text}; starting a replacement"
+                );
+            }
+            (_, Some(job)) => {
+                self.stats.crashed += 1;
+                let name = job.name;
                 tracing::warn!(
                     worker.pid = pid,
                     task.name = name,
                     "worker {pid} {text} while running `{name}`; starting a replacement"
                 );
-                if let Some(job) = front {
-                    let failure = Failure::Crashed {
-                        pid,
-                        status: text,
-                        signal,
-                        code,
-                    };
-                    self.retry_or_fail(job, failure);
-                }
+                let failure = Failure::Crashed {
+                    pid,
+                    status: text,
+                    signal,
+                    code,
+                };
+                self.retry_or_fail(job, failure);
             }
         }
         self.replenish();
@@ -670,8 +696,18 @@ impl Scheduler {
         self.broken = Some(reason);
     }
 
-    /// Sends queued jobs to the least-loaded workers with room in their window.
+    /// Sends queued jobs to the least-loaded workers with room in their window. On a broken
+    /// pool, fails them instead: whatever reached the queue after the pool broke (work put
+    /// back from a lost worker, a retry) must not wait for workers that will never come.
     pub(crate) fn dispatch(&mut self) {
+        if let Some(reason) = &self.broken {
+            let reason = reason.clone();
+            let queued: Vec<Job> = self.queue.drain(..).collect();
+            for job in queued {
+                self.fail(job, Failure::Broken(reason.clone()));
+            }
+            return;
+        }
         let window = self.settings.window;
         let max = self.settings.max_requests_per_worker;
         while !self.queue.is_empty() {
@@ -798,5 +834,28 @@ impl std::fmt::Debug for Worker {
             .field("connected", &self.connected)
             .field("sent", &self.sent.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// A byte count for people: "256 MiB", "512 KiB", "100 bytes".
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+        assert_eq!(human_bytes(2 << 30), "2 GiB");
+        assert_eq!(human_bytes(512 << 10), "512 KiB");
+        assert_eq!(human_bytes(100), "100 bytes");
     }
 }

@@ -203,19 +203,20 @@ mod tests {
 
     #[test]
     fn a_killed_child_is_reaped_and_reported() {
+        // A program that waits until it is killed (spawn passes no arguments).
+        let script = std::env::temp_dir().join(format!("offload-sleeper-{}", std::process::id()));
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (_pid, killer) = spawn(
-            Path::new("/bin/sleep"),
-            "unused",
-            &[0; TOKEN_LEN],
-            move |_, s| {
-                let _ = tx.send(s);
-            },
-        )
+        let (_pid, killer) = spawn(&script, "unused", &[0; TOKEN_LEN], move |_, s| {
+            let _ = tx.send(s);
+        })
         .unwrap();
         killer.kill();
         let status = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         assert_eq!(describe(status).1, Some(9));
         killer.kill(); // after the exit: a no-op, never a stray signal
+        let _ = std::fs::remove_file(&script);
     }
 }

@@ -13,15 +13,17 @@ pub struct PoolStats {
     pub completed: u64,
     /// Requests that failed: a task error, a crash, a timeout, a broken pool.
     pub failed: u64,
-    /// Workers that died while holding work.
+    /// Workers that died without being asked to (an exit, a signal), busy or idle. Workers the
+    /// pool killed itself (timeouts, cancels) are not counted.
     pub crashed: u64,
     /// Tasks that ran past their timeout.
     pub timed_out: u64,
     /// Runs repeated because of `retries`.
     pub retried: u64,
-    /// Workers started to replace others (crashed, recycled, killed).
+    /// Workers started after the pool's startup: replacements (crashed, killed, recycled) and
+    /// growth up to `max_workers`.
     pub restarts: u64,
-    /// Workers connected and serving.
+    /// Workers connected (serving, or running the initializer).
     pub workers: usize,
 }
 

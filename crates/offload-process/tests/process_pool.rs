@@ -81,6 +81,10 @@ task!(Allocate(usize) -> usize, |s| {
     v.iter().map(|&b| b as usize).sum::<usize>() / 7
 });
 task!(InitOk() -> (), |_s| INITIALIZED.store(true, Ordering::SeqCst));
+task!(SleepAbort(u64) -> (), |s| {
+    std::thread::sleep(Duration::from_millis(s.0));
+    std::process::abort()
+});
 task!(IsInitialized() -> bool, |_s| INITIALIZED.load(Ordering::SeqCst));
 task!(InitFails(String) -> Result<(), String>, |s| {
     if std::path::Path::new(&s.0).exists() {
@@ -875,7 +879,11 @@ fn a_task_over_the_memory_limit_fails_naming_the_limit() {
     assert_eq!(wait(pool.submit(Allocate(16 << 20))), Ok(16 << 20));
     let err = wait(pool.submit(Allocate(1 << 30))).unwrap_err();
     assert!(err.is_worker_crash(), "{err}");
-    assert!(err.to_string().contains("memory limit is 256 MiB"), "{err}");
+    assert!(
+        err.to_string()
+            .contains(", perhaps for exceeding the pool's memory limit of 256 MiB, while running"),
+        "{err}"
+    );
     assert_eq!(
         wait(pool.submit(Allocate(16 << 20))),
         Ok(16 << 20),
@@ -928,6 +936,96 @@ fn the_pool_grows_on_demand_and_shrinks_back_when_idle() {
         Ok(36),
         "the minimum still serves"
     );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn work_put_back_after_the_pool_broke_still_resolves() {
+    // Two workers; every replacement fails its initializer. `q1` and `q2` wait behind tasks
+    // that abort: `q1`'s worker dies first and the pool breaks; `q2` is put back in the queue
+    // only when its worker dies later, after the break. It must fail, not wait forever.
+    let flag = temp_path("broken-requeue");
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .initializer(InitFails(flag.clone()))
+        .build()
+        .unwrap();
+    std::fs::write(&flag, "").unwrap();
+    let a = pool.submit(SleepAbort(200));
+    let b = pool.submit(SleepAbort(3_000));
+    let q1 = pool.submit(Square(1));
+    let q2 = pool.submit(Square(2));
+    assert!(wait(a).unwrap_err().is_worker_crash());
+    assert!(wait(b).unwrap_err().is_worker_crash());
+    for q in [q1, q2] {
+        let err = wait(q).unwrap_err();
+        assert!(matches!(err, TaskError::PoolBroken { .. }), "{err}");
+    }
+    assert!(pool.join_timeout(LIMIT), "a broken pool still shuts down");
+    let _ = std::fs::remove_file(&flag);
+}
+
+fn a_small_memory_limit_leaves_the_worker_itself_enough() {
+    // The limit is what tasks may use on top of the worker's own memory (its thread stacks
+    // alone are 10 MiB), so even 4 MiB neither fails the worker nor crash-loops.
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .memory_limit(4 << 20)
+        .build()
+        .unwrap();
+    assert_eq!(wait(pool.submit(Allocate(1 << 20))), Ok(1 << 20));
+    let err = wait(pool.submit(Allocate(64 << 20))).unwrap_err();
+    assert!(err.to_string().contains("memory limit of 4 MiB"), "{err}");
+    assert_eq!(wait(pool.submit(Allocate(1 << 20))), Ok(1 << 20));
+    assert!(pool.stats().restarts <= 1, "{:?}", pool.stats());
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn map_grows_an_elastic_pool() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_workers(3)
+        .build()
+        .unwrap();
+    assert_eq!(
+        pool.workers(),
+        3,
+        "an elastic pool can run up to its maximum"
+    );
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = std::thread::spawn({
+        let (pool, peak, stop) = (pool.clone(), peak.clone(), stop.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(pool.stats().workers, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    let done = futures::executor::block_on(async {
+        use futures::StreamExt;
+        pool.map((0..60).map(|_| Sleep(20))).count().await
+    });
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert_eq!(done, 60);
+    assert!(peak.load(Ordering::Relaxed) > 1, "map never grew the pool");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn extra_workers_that_never_get_work_still_time_out() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_workers(3)
+        .in_flight_per_worker(1)
+        .idle_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let first = pool.submit(Sleep(500));
+    // These make the pool grow, then vanish before the new workers could take them.
+    drop((0..2).map(|i| pool.submit(Square(i))).collect::<Vec<_>>());
+    assert_eq!(wait(first), Ok(()));
+    eventually("back to one worker", || pool.stats().workers == 1);
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -1276,6 +1374,10 @@ fn main() {
         a_task_over_the_memory_limit_fails_naming_the_limit,
         retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
         the_pool_grows_on_demand_and_shrinks_back_when_idle,
+        work_put_back_after_the_pool_broke_still_resolves,
+        a_small_memory_limit_leaves_the_worker_itself_enough,
+        map_grows_an_elastic_pool,
+        extra_workers_that_never_get_work_still_time_out,
         stats_count_what_happened,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,

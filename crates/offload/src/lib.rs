@@ -1,4 +1,4 @@
-//! Push CPU-heavy work off your async event loop, onto threads or (soon) worker processes,
+//! Push CPU-heavy work off your async event loop, onto threads or worker processes,
 //! with one API: Python's `concurrent.futures`, done the Rust way.
 //!
 //! # Define a task once
