@@ -10,6 +10,9 @@
 //! across runs.
 
 mod cpu;
+mod process;
+mod python;
+mod raw_uds;
 mod report;
 mod stats;
 mod thread;
@@ -49,10 +52,14 @@ impl Settings {
 /// A group of benchmarks: one module, run in order. A group checks the filter per
 /// benchmark and skips its own setup when nothing of it is wanted.
 ///
-/// The process-pool group (`process.rs`, rows `process.*`, against Python's
-/// ProcessPoolExecutor and procspawn) and the Python peers (scripts in `python/`, whose rows
-/// are merged into the same table) go in this list when they exist.
-const GROUPS: &[(&str, Group)] = &[("thread", thread::run), ("cpu", cpu::run)];
+/// The process group (`process.rs`, rows `process.*`) also runs the Python peers
+/// (`python/peers.py`, driven by `python.rs`) and the raw socket floor (`raw_uds.rs`), so
+/// that their samples interleave with offload's.
+const GROUPS: &[(&str, Group)] = &[
+    ("thread", thread::run),
+    ("cpu", cpu::run),
+    ("process", process::run),
+];
 
 /// A group's entry point: its rows, or none when the filter leaves nothing of it.
 type Group = fn(&Settings) -> anyhow::Result<Vec<report::Row>>;
@@ -103,6 +110,10 @@ fn default_out() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    // A worker process of a `ProcessPool` serves tasks here and never returns.
+    offload::init();
+    // So does the echo server of the raw socket benchmark (this binary, started by itself).
+    raw_uds::serve_if_asked();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -140,9 +151,11 @@ fn run() -> anyhow::Result<()> {
         bail!("no benchmark matched the filter");
     }
     report::compute_ratios(&mut rows);
+    let goals = report::check_goals(&rows, process::GOALS);
     println!();
     print!("{}", report::table(&rows));
-    report::write_json(&args.out, &rows)?;
+    print!("{}", report::goals_text(&goals));
+    report::write_json(&args.out, &rows, &goals)?;
     println!(
         "\n{} rows written to {} ({}, {:.1} s)",
         rows.len(),

@@ -144,17 +144,97 @@ pub(crate) fn table(rows: &[Row]) -> String {
     out
 }
 
-/// Writes `{"rows": [...]}` to `path`, creating its parent directories.
-pub(crate) fn write_json(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
+/// A target a figure is held to: a row's median, or its ratio to another row's.
+pub(crate) struct Goal {
+    /// What is compared, for people.
+    pub(crate) what: &'static str,
+    pub(crate) row: &'static str,
+    /// When set, the figure is `row`'s median divided by this row's.
+    pub(crate) against: Option<&'static str>,
+    pub(crate) target: Target,
+}
+
+/// The bound a [`Goal`]'s figure must meet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+    /// No bound: the figure is reported, not judged.
+    None,
+}
+
+/// A goal checked against one run's rows.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Checked {
+    what: &'static str,
+    row: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    against: Option<&'static str>,
+    value: f64,
+    /// `">= 20"`, `"<= 1.5"`, or `null` when the figure is only reported.
+    target: Option<String>,
+    /// `null` when there is no target.
+    met: Option<bool>,
+}
+
+/// Checks every goal whose rows were measured in this run.
+pub(crate) fn check_goals(rows: &[Row], goals: &[Goal]) -> Vec<Checked> {
+    let median = |id: &str| rows.iter().find(|r| r.id == id).map(|r| r.median);
+    goals
+        .iter()
+        .filter_map(|goal| {
+            let ours = median(goal.row)?;
+            let value = match goal.against {
+                Some(other) => ours / median(other)?,
+                None => ours,
+            };
+            let (target, met) = match goal.target {
+                Target::AtLeast(t) => (Some(format!(">= {t}")), Some(value >= t)),
+                Target::AtMost(t) => (Some(format!("<= {t}")), Some(value <= t)),
+                Target::None => (None, None),
+            };
+            Some(Checked {
+                what: goal.what,
+                row: goal.row,
+                against: goal.against,
+                value,
+                target,
+                met,
+            })
+        })
+        .collect()
+}
+
+/// The checked goals, one line each, for the end of the table.
+pub(crate) fn goals_text(checked: &[Checked]) -> String {
+    let mut out = String::new();
+    if checked.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "\ngoals:");
+    for c in checked {
+        let verdict = match (&c.target, c.met) {
+            (Some(t), Some(true)) => format!("goal {t}: met"),
+            (Some(t), _) => format!("goal {t}: MISSED"),
+            _ => "no goal set".to_owned(),
+        };
+        let _ = writeln!(out, "  {}: {:.2} ({verdict})", c.what, c.value);
+    }
+    out
+}
+
+/// Writes `{"rows": [...], "goals": [...]}` to `path`, creating its parent directories.
+pub(crate) fn write_json(path: &Path, rows: &[Row], goals: &[Checked]) -> anyhow::Result<()> {
     #[derive(Serialize)]
     struct Report<'a> {
         rows: &'a [Row],
+        goals: &'a [Checked],
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("could not create {}", dir.display()))?;
     }
-    let json = serde_json::to_string_pretty(&Report { rows })?;
+    let json = serde_json::to_string_pretty(&Report { rows, goals })?;
     std::fs::write(path, json + "\n").with_context(|| format!("could not write {}", path.display()))
 }
 
@@ -192,6 +272,45 @@ mod tests {
         assert_eq!(rows[1].offload_ratio, Some(0.5));
         assert_eq!(rows[2].offload_ratio, None);
         assert!(table(&rows).contains("offload / peer = 0.50"));
+    }
+
+    #[test]
+    fn goals_are_checked_on_ratios_and_on_figures() {
+        let rows = vec![
+            Row::new("g.m.offload", "x", Better::Higher, vec![30.0]),
+            Row::new("g.m.peer", "x", Better::Higher, vec![1.0]),
+            Row::new("g.t.offload", "ms", Better::Lower, vec![25.0]),
+        ];
+        let goals = [
+            Goal {
+                what: "ratio",
+                row: "g.m.offload",
+                against: Some("g.m.peer"),
+                target: Target::AtLeast(20.0),
+            },
+            Goal {
+                what: "figure",
+                row: "g.t.offload",
+                against: None,
+                target: Target::AtMost(20.0),
+            },
+            Goal {
+                what: "not measured",
+                row: "g.x.offload",
+                against: None,
+                target: Target::None,
+            },
+        ];
+        let checked = check_goals(&rows, &goals);
+        assert_eq!(checked.len(), 2);
+        assert_eq!((checked[0].value, checked[0].met), (30.0, Some(true)));
+        assert_eq!((checked[1].value, checked[1].met), (25.0, Some(false)));
+        let text = goals_text(&checked);
+        assert!(text.contains("ratio: 30.00 (goal >= 20: met)"), "{text}");
+        assert!(
+            text.contains("figure: 25.00 (goal <= 20: MISSED)"),
+            "{text}"
+        );
     }
 
     #[test]

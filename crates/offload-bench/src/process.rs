@@ -1,0 +1,591 @@
+//! The process group: offload's `ProcessPool` against Python's `ProcessPoolExecutor` and
+//! `multiprocessing.Pool` (run by `python/peers.py`, see [`crate::python`]) and against the
+//! floor, a raw Unix socket ping-pong between two processes ([`crate::raw_uds`]).
+//!
+//! Every pool has two worker processes, one per core of the machine. Offload is driven from
+//! the calling thread with the blocking `TaskHandle::wait` (as Python's `Future.result()`
+//! blocks); `map` is a stream and runs under `futures::executor::block_on`. The systems take
+//! turns within every run (round trips in blocks of [`ROUNDTRIP_BLOCK`], other benchmarks one
+//! sample each), so a change in the machine's load hits them all alike. The pools are built
+//! once and stay warm, except in the startup benchmark, which builds a fresh one per sample.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context as _};
+use futures::StreamExt;
+use offload::prelude::*;
+use serde_json::json;
+
+use crate::python::Python;
+use crate::raw_uds::RawEcho;
+use crate::report::{Better, Goal, Row, Target};
+use crate::{stats, Settings};
+
+/// The tiniest task: all its cost is the pool's.
+#[offload::task]
+fn noop(x: u64) -> u64 {
+    x
+}
+
+/// A payload there and back.
+#[offload::task]
+fn echo(data: Bytes) -> Bytes {
+    data
+}
+
+/// Bytes that serialize as one length and one copy. A plain `Vec<u8>` goes through serde as
+/// a sequence, element by element, which is several times slower for megabytes (see
+/// `docs/benchmarks.md`).
+#[derive(Clone, PartialEq, Eq)]
+struct Bytes(Vec<u8>);
+
+impl serde::Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
+
+/// Worker processes in every pool of this group.
+const WORKERS: usize = 2;
+
+/// Round trips a system makes before the next system takes its turn.
+const ROUNDTRIP_BLOCK: usize = 100;
+
+/// The message of a raw round trip: about what a tiny task costs on offload's wire.
+const RAW_MESSAGE: usize = 16;
+
+/// The argument of the payload benchmark.
+const PAYLOAD: usize = 8 << 20;
+
+/// How much to measure.
+struct Sizes {
+    submit_runs: usize,
+    submit_tasks: u64,
+    map_runs: usize,
+    map_tasks: u64,
+    roundtrip_runs: usize,
+    roundtrips: usize,
+    roundtrip_warmup: usize,
+    startup_runs: usize,
+    payload_runs: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                submit_runs: 3,
+                submit_tasks: 20_000,
+                map_runs: 3,
+                map_tasks: 200_000,
+                roundtrip_runs: 3,
+                roundtrips: 300,
+                roundtrip_warmup: 100,
+                startup_runs: 5,
+                payload_runs: 5,
+            }
+        } else {
+            Sizes {
+                submit_runs: 11,
+                submit_tasks: 20_000,
+                map_runs: 11,
+                map_tasks: 1_000_000,
+                roundtrip_runs: 15,
+                roundtrips: 2_000,
+                roundtrip_warmup: 500,
+                startup_runs: 15,
+                payload_runs: 21,
+            }
+        }
+    }
+}
+
+/// The goals the process backend is held to, checked after every run that measures them.
+pub(crate) const GOALS: &[Goal] = &[
+    Goal {
+        what: "tiny tasks submitted one by one: offload / ProcessPoolExecutor",
+        row: "process.submit_tasks_per_s.offload",
+        against: Some("process.submit_tasks_per_s.python_ppe"),
+        target: Target::AtLeast(20.0),
+    },
+    Goal {
+        what: "round trip p50: offload / raw Unix socket",
+        row: "process.roundtrip_p50_us.offload",
+        against: Some("process.roundtrip_p50_us.raw_uds"),
+        target: Target::AtMost(1.5),
+    },
+    Goal {
+        what: "round trip p99: offload / raw Unix socket",
+        row: "process.roundtrip_p99_us.offload",
+        against: Some("process.roundtrip_p99_us.raw_uds"),
+        target: Target::None,
+    },
+    Goal {
+        what: "startup of 2 workers to the first result, ms",
+        row: "process.startup_ms.offload",
+        against: None,
+        target: Target::AtMost(20.0),
+    },
+    Goal {
+        what: "8 MiB argument round trip: offload / raw Unix socket",
+        row: "process.payload_8mib_mb_per_s.offload",
+        against: Some("process.payload_8mib_mb_per_s.raw_uds"),
+        target: Target::None,
+    },
+    Goal {
+        what: "map of tiny tasks: offload / multiprocessing.Pool.map",
+        row: "process.map_tasks_per_s.offload",
+        against: Some("process.map_tasks_per_s.python_pool"),
+        target: Target::None,
+    },
+];
+
+/// What the group needs, started once.
+struct Bench {
+    sizes: Sizes,
+    pool: offload::ProcessPool,
+    python: Option<Python>,
+    raw: Option<RawEcho>,
+}
+
+/// Runs the process group.
+pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
+    let ids = |metric: &str, systems: &[&str]| -> Vec<String> {
+        systems
+            .iter()
+            .map(|s| format!("process.{metric}.{s}"))
+            .collect()
+    };
+    let submit_ids = ids("submit_tasks_per_s", &["offload", "python_ppe"]);
+    let map_ids = ids("map_tasks_per_s", &["offload", "python_pool"]);
+    let roundtrip_ids: Vec<String> = ["roundtrip_p50_us", "roundtrip_p99_us"]
+        .iter()
+        .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds"]))
+        .collect();
+    let startup_ids = ids("startup_ms", &["offload", "python_ppe", "python_ppe_spawn"]);
+    let payload_ids = ids(
+        "payload_8mib_mb_per_s",
+        &["offload", "python_ppe", "raw_uds"],
+    );
+    let want = |ids: &[String]| settings.wants(ids);
+    let (submit, map, roundtrip, startup, payload) = (
+        want(&submit_ids),
+        want(&map_ids),
+        want(&roundtrip_ids),
+        want(&startup_ids),
+        want(&payload_ids),
+    );
+    if !(submit || map || roundtrip || startup || payload) {
+        return Ok(Vec::new());
+    }
+
+    let python = Python::start()?;
+    let raw = if roundtrip || payload {
+        Some(RawEcho::start()?)
+    } else {
+        None
+    };
+    let pool = offload::ProcessPool::builder()
+        .workers(WORKERS)
+        .build()
+        .context("could not build the offload process pool")?;
+    let mut bench = Bench {
+        sizes: Sizes::new(settings.quick),
+        pool,
+        python,
+        raw,
+    };
+
+    let mut rows = Vec::new();
+    if submit {
+        rows.extend(bench.submits()?);
+    }
+    if map {
+        rows.extend(bench.maps()?);
+    }
+    if roundtrip {
+        rows.extend(bench.roundtrips()?);
+    }
+    if startup {
+        rows.extend(bench.startups()?);
+    }
+    if payload {
+        rows.extend(bench.payloads()?);
+    }
+    bench.pool.join();
+    if let Some(python) = &bench.python {
+        let note = format!(
+            "Python {}, start method {} (the default)",
+            python.version, python.start_method
+        );
+        for row in &mut rows {
+            let system = row.id.rsplit('.').next().unwrap_or_default();
+            if system.starts_with("python") && row.note.is_none() {
+                row.note = Some(note.clone());
+            }
+        }
+    }
+    Ok(rows)
+}
+
+impl Bench {
+    /// `n` tiny tasks submitted one by one, then waited for in order; tasks per second.
+    fn submit_sample(&self, n: u64) -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let handles: Vec<_> = (0..n).map(|x| self.pool.submit(Noop { x })).collect();
+        let mut sum = 0;
+        for handle in handles {
+            sum += handle.wait()?;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        ensure!(sum == n * (n - 1) / 2, "submit lost results");
+        Ok(n as f64 / elapsed)
+    }
+
+    /// `process.submit_tasks_per_s.{offload,python_ppe}`.
+    fn submits(&mut self) -> anyhow::Result<Vec<Row>> {
+        let n = self.sizes.submit_tasks;
+        self.submit_sample(n / 10)?;
+        if let Some(python) = &mut self.python {
+            python.value(&json!({ "cmd": "submit", "n": n / 10 }))?;
+        }
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for run in 0..self.sizes.submit_runs {
+            eprintln!(
+                "[process] submit, run {}/{}",
+                run + 1,
+                self.sizes.submit_runs
+            );
+            ours.push(self.submit_sample(n)?);
+            if let Some(python) = &mut self.python {
+                theirs.push(python.value(&json!({ "cmd": "submit", "n": n }))?);
+            }
+        }
+        let mut rows = vec![Row::new(
+            "process.submit_tasks_per_s.offload",
+            "tasks/s",
+            Better::Higher,
+            ours,
+        )];
+        if self.python.is_some() {
+            rows.push(Row::new(
+                "process.submit_tasks_per_s.python_ppe",
+                "tasks/s",
+                Better::Higher,
+                theirs,
+            ));
+        }
+        Ok(rows)
+    }
+
+    /// `pool.map` over `n` tiny tasks, the stream consumed in order; tasks per second.
+    fn map_sample(&self, n: u64) -> anyhow::Result<f64> {
+        futures::executor::block_on(async {
+            let start = Instant::now();
+            let mut results = self.pool.map((0..n).map(|x| Noop { x }));
+            let mut sum = 0;
+            while let Some(y) = results.next().await {
+                sum += y?;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            ensure!(sum == n * (n - 1) / 2, "map lost results");
+            Ok(n as f64 / elapsed)
+        })
+    }
+
+    /// `process.map_tasks_per_s.{offload,python_pool}`.
+    fn maps(&mut self) -> anyhow::Result<Vec<Row>> {
+        let n = self.sizes.map_tasks;
+        self.map_sample(n / 10)?;
+        if let Some(python) = &mut self.python {
+            python.value(&json!({ "cmd": "map", "n": n / 10 }))?;
+        }
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for run in 0..self.sizes.map_runs {
+            eprintln!("[process] map, run {}/{}", run + 1, self.sizes.map_runs);
+            ours.push(self.map_sample(n)?);
+            if let Some(python) = &mut self.python {
+                theirs.push(python.value(&json!({ "cmd": "map", "n": n }))?);
+            }
+        }
+        let mut rows = vec![Row::new(
+            "process.map_tasks_per_s.offload",
+            "tasks/s",
+            Better::Higher,
+            ours,
+        )];
+        if self.python.is_some() {
+            rows.push(
+                Row::new(
+                    "process.map_tasks_per_s.python_pool",
+                    "tasks/s",
+                    Better::Higher,
+                    theirs,
+                )
+                .with_note(format!(
+                    "multiprocessing.Pool(2).map(noop, range({n})), default chunksize ({})",
+                    n.div_ceil(4 * WORKERS as u64)
+                )),
+            );
+        }
+        Ok(rows)
+    }
+
+    /// `n` sequential round trips of each system, appended to its latencies (us).
+    fn roundtrip_block(
+        &mut self,
+        system: usize,
+        n: usize,
+        latencies: &mut Vec<f64>,
+    ) -> anyhow::Result<()> {
+        match system {
+            0 => {
+                for x in 0..n as u64 {
+                    let start = Instant::now();
+                    let y = self.pool.submit(Noop { x }).wait()?;
+                    latencies.push(start.elapsed().as_secs_f64() * 1e6);
+                    ensure!(y == x, "offload returned {y} for {x}");
+                }
+            }
+            1 => {
+                if let Some(python) = &mut self.python {
+                    let reply = python.call(&json!({ "cmd": "roundtrip", "n": n }))?;
+                    let got = reply
+                        .get("latencies_us")
+                        .and_then(|v| v.as_array())
+                        .context("no latencies in the Python answer")?;
+                    latencies.extend(got.iter().filter_map(serde_json::Value::as_f64));
+                }
+            }
+            _ => {
+                if let Some(raw) = &mut self.raw {
+                    for _ in 0..n {
+                        let start = Instant::now();
+                        raw.roundtrip()?;
+                        latencies.push(start.elapsed().as_secs_f64() * 1e6);
+                        raw.check()?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `process.roundtrip_p{50,99}_us.{offload,python_ppe,raw_uds}`: per run, the p50 and
+    /// p99 of `roundtrips` sequential round trips per system; rows hold the median over runs.
+    fn roundtrips(&mut self) -> anyhow::Result<Vec<Row>> {
+        const SYSTEMS: [&str; 3] = ["offload", "python_ppe", "raw_uds"];
+        if let Some(raw) = &mut self.raw {
+            raw.set_message(RAW_MESSAGE);
+        }
+        let runs = self.sizes.roundtrip_runs;
+        for system in 0..SYSTEMS.len() {
+            self.roundtrip_block(system, self.sizes.roundtrip_warmup, &mut Vec::new())?;
+        }
+        let mut p50 = vec![Vec::new(); SYSTEMS.len()];
+        let mut p99 = vec![Vec::new(); SYSTEMS.len()];
+        for run in 0..runs {
+            eprintln!("[process] round trips, run {}/{runs}", run + 1);
+            let mut latencies = vec![Vec::with_capacity(self.sizes.roundtrips); SYSTEMS.len()];
+            for _ in 0..self.sizes.roundtrips.div_ceil(ROUNDTRIP_BLOCK) {
+                for (system, latencies) in latencies.iter_mut().enumerate() {
+                    self.roundtrip_block(system, ROUNDTRIP_BLOCK, latencies)?;
+                }
+            }
+            for (i, latencies) in latencies.iter().enumerate() {
+                if !latencies.is_empty() {
+                    p50[i].push(stats::percentile(latencies, 0.50));
+                    p99[i].push(stats::percentile(latencies, 0.99));
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for (metric, samples) in [("roundtrip_p50_us", p50), ("roundtrip_p99_us", p99)] {
+            for (system, samples) in SYSTEMS.iter().zip(samples) {
+                if samples.is_empty() {
+                    continue;
+                }
+                let mut row = Row::new(
+                    format!("process.{metric}.{system}"),
+                    "us",
+                    Better::Lower,
+                    samples,
+                );
+                if *system == "raw_uds" && metric == "roundtrip_p50_us" {
+                    row = row.with_note(format!(
+                        "ping-pong of a {RAW_MESSAGE}-byte message (plus a 4-byte length) \
+                         between this process and an echo process over a Unix stream socket"
+                    ));
+                }
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A fresh pool of two workers to its first result; milliseconds. Joining it is not timed.
+    fn startup_sample() -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let pool = offload::ProcessPool::builder()
+            .workers(WORKERS)
+            .build()
+            .context("could not build an offload process pool")?;
+        let y = pool.submit(Noop { x: 1 }).wait()?;
+        let elapsed = start.elapsed().as_secs_f64() * 1e3;
+        pool.join();
+        ensure!(y == 1, "the first task returned {y}");
+        Ok(elapsed)
+    }
+
+    /// `process.startup_ms.{offload,python_ppe,python_ppe_spawn}`.
+    fn startups(&mut self) -> anyhow::Result<Vec<Row>> {
+        let runs = self.sizes.startup_runs;
+        // The first start pages the programs in; every later one finds them cached.
+        Self::startup_sample()?;
+        let python_methods = [(None, "python_ppe"), (Some("spawn"), "python_ppe_spawn")];
+        let mut used_methods = vec![String::new(); python_methods.len()];
+        if let Some(python) = &mut self.python {
+            for (method, _) in python_methods {
+                python.call(&json!({ "cmd": "startup", "method": method }))?;
+            }
+        }
+        let mut ours = Vec::new();
+        let mut theirs = vec![Vec::new(); python_methods.len()];
+        for run in 0..runs {
+            eprintln!("[process] startup, run {}/{runs}", run + 1);
+            ours.push(Self::startup_sample()?);
+            if let Some(python) = &mut self.python {
+                for (i, (method, _)) in python_methods.iter().enumerate() {
+                    let reply = python.call(&json!({ "cmd": "startup", "method": method }))?;
+                    let ms = reply
+                        .get("value")
+                        .and_then(serde_json::Value::as_f64)
+                        .context("no startup time in the Python answer")?;
+                    theirs[i].push(ms);
+                    if let Some(m) = reply.get("method").and_then(|m| m.as_str()) {
+                        m.clone_into(&mut used_methods[i]);
+                    }
+                }
+            }
+        }
+        let mut rows =
+            vec![Row::new(
+            "process.startup_ms.offload",
+            "ms",
+            Better::Lower,
+            ours,
+        )
+        .with_note(
+            "ProcessPool::builder().workers(2).build() (spawns /proc/self/exe twice, waits \
+             for both handshakes) + one submit().wait()",
+        )];
+        if self.python.is_some() {
+            for (((_, system), samples), method) in
+                python_methods.iter().zip(theirs).zip(used_methods)
+            {
+                rows.push(
+                    Row::new(
+                        format!("process.startup_ms.{system}"),
+                        "ms",
+                        Better::Lower,
+                        samples,
+                    )
+                    .with_note(format!(
+                        "ProcessPoolExecutor(2) with start method {method} + one \
+                         submit().result()"
+                    )),
+                );
+            }
+        }
+        Ok(rows)
+    }
+
+    /// `process.payload_8mib_mb_per_s.{offload,python_ppe,raw_uds}`: an 8 MiB argument there
+    /// and back; MB/s = argument bytes / round-trip time / 10^6. One round trip per sample,
+    /// the systems in turn.
+    fn payloads(&mut self) -> anyhow::Result<Vec<Row>> {
+        let payload = Bytes((0..PAYLOAD).map(|i| i as u8).collect());
+        if let Some(raw) = &mut self.raw {
+            raw.set_message(PAYLOAD);
+        }
+        let runs = self.sizes.payload_runs;
+        let mut samples = vec![Vec::new(); 3];
+        // Two warm-up round trips each, then `runs` measured ones.
+        for run in 0..runs + 2 {
+            if run >= 2 {
+                eprintln!("[process] 8 MiB payload, run {}/{runs}", run - 1);
+            }
+            let mut take = |i: usize, v: f64| {
+                if run >= 2 {
+                    samples[i].push(v);
+                }
+            };
+            // Offload: the argument is cloned before the clock starts (submit consumes it).
+            let task = Echo {
+                data: payload.clone(),
+            };
+            let start = Instant::now();
+            let back = self.pool.submit(task).wait()?;
+            let elapsed = start.elapsed().as_secs_f64();
+            ensure!(back == payload, "offload's echo came back changed");
+            take(0, PAYLOAD as f64 / elapsed / 1e6);
+
+            if let Some(python) = &mut self.python {
+                take(
+                    1,
+                    python.value(&json!({ "cmd": "payload", "bytes": PAYLOAD }))?,
+                );
+            }
+
+            if let Some(raw) = &mut self.raw {
+                let start = Instant::now();
+                raw.roundtrip()?;
+                let elapsed = start.elapsed().as_secs_f64();
+                raw.check()?;
+                take(2, PAYLOAD as f64 / elapsed / 1e6);
+            }
+        }
+        let mut rows = Vec::new();
+        for (system, samples) in ["offload", "python_ppe", "raw_uds"].iter().zip(samples) {
+            if samples.is_empty() {
+                continue;
+            }
+            let mut row = Row::new(
+                format!("process.payload_8mib_mb_per_s.{system}"),
+                "MB/s",
+                Better::Higher,
+                samples,
+            );
+            if *system == "offload" {
+                row = row.with_note(
+                    "8 MiB (8,388,608 bytes) argument to an echo task and back; MB/s = \
+                     argument bytes / round-trip time / 10^6; the argument is a newtype \
+                     serialized with serialize_bytes",
+                );
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
