@@ -25,37 +25,113 @@ pub fn build_id() -> String {
 }
 
 /// An encoded task or output: bytes that postcard writes as one length and a copy, not
-/// element by element. Cloning shares the bytes, so the pool can keep a request's payload
-/// (to run it again after its worker was replaced) at no cost.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Blob(Arc<Vec<u8>>);
+/// element by element.
+///
+/// Owned by default (what a worker decodes and produces: no extra allocation). The pool
+/// makes its payloads [`shared`](Blob::shared), so it can keep a request's bytes until the
+/// request completes (to run it again if its worker is replaced) and still send them
+/// without a copy.
+#[derive(Clone, Default)]
+pub struct Blob(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl Default for Repr {
+    fn default() -> Self {
+        Repr::Owned(Vec::new())
+    }
+}
 
 impl Blob {
-    /// Wraps encoded bytes.
+    /// Wraps encoded bytes; cloning copies them.
     pub fn new(bytes: Vec<u8>) -> Self {
-        Blob(Arc::new(bytes))
+        Blob(Repr::Owned(bytes))
+    }
+
+    /// Wraps encoded bytes to be shared; cloning only counts a reference.
+    pub fn shared(bytes: Vec<u8>) -> Self {
+        Blob(Repr::Shared(Arc::new(bytes)))
     }
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        match &self.0 {
+            Repr::Owned(v) => v,
+            Repr::Shared(v) => v,
+        }
     }
 
     /// Number of bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_bytes().len()
     }
 
     /// True when there are no bytes.
     pub fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+}
+
+impl PartialEq for Blob {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Blob {}
+
+/// The tasks of a batch, shared: one allocation for the list, however many tasks it holds.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Blobs(Arc<Vec<Blob>>);
+
+impl Blobs {
+    /// Wraps the encoded tasks of a batch.
+    pub fn new(blobs: Vec<Blob>) -> Self {
+        Blobs(Arc::new(blobs))
+    }
+
+    /// The tasks, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Blob> {
+        self.0.iter()
+    }
+
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when the batch is empty.
+    pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Blobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blobs({} tasks)", self.0.len())
+    }
+}
+
+impl Serialize for Blobs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Blobs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Blob>::deserialize(d).map(Blobs::new)
     }
 }
 
 impl std::fmt::Debug for Blob {
     // Never log payloads: only their size.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Blob({} bytes)", self.0.len())
+        write!(f, "Blob({} bytes)", self.len())
     }
 }
 
@@ -143,7 +219,7 @@ pub enum ToWorker {
         /// The tasks' registered name.
         task: String,
         /// Each task, postcard-encoded.
-        inputs: Vec<Blob>,
+        inputs: Blobs,
     },
     /// The caller cancelled request `id`: skip it if queued, raise its flag if running.
     Cancel {

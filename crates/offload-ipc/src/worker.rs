@@ -19,7 +19,9 @@ use offload_core::{find_task, CancelFlag, TaskError};
 use crate::frame::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
-use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
+use crate::protocol::{
+    build_id, Blob, Blobs, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION,
+};
 use crate::transport::{ENV_PARENT, ENV_SOCKET};
 
 /// Exit codes of a worker, so the parent can say what went wrong.
@@ -238,7 +240,7 @@ enum Request {
     Batch {
         id: u64,
         task: String,
-        inputs: Vec<Blob>,
+        inputs: Blobs,
     },
 }
 

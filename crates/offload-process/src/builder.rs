@@ -33,7 +33,7 @@ pub struct ProcessPoolBuilder {
     max_workers: Option<usize>,
     idle_timeout: Duration,
     program: Option<PathBuf>,
-    window: usize,
+    window: Option<usize>,
     max_frame: usize,
     startup_timeout: Duration,
     cancel_grace: Duration,
@@ -50,7 +50,7 @@ impl Default for ProcessPoolBuilder {
             max_workers: None,
             idle_timeout: Duration::from_secs(60),
             program: None,
-            window: 2,
+            window: None,
             max_frame: DEFAULT_MAX_FRAME,
             startup_timeout: Duration::from_secs(10),
             cancel_grace: Duration::from_secs(1),
@@ -96,10 +96,12 @@ impl ProcessPoolBuilder {
         self
     }
 
-    /// Requests in flight per worker (default 2): more hides the round trip for tiny tasks,
-    /// fewer keeps long tasks from queueing behind each other on one worker.
+    /// Fixes the number of requests in flight per worker. By default it adapts: about a
+    /// millisecond of work per worker at the measured task length, from 2 (long tasks, which
+    /// should not queue behind each other on one worker) to 64 (tiny tasks, whose round trips
+    /// it hides).
     pub fn in_flight_per_worker(mut self, requests: usize) -> Self {
-        self.window = requests.max(1);
+        self.window = Some(requests.max(1));
         self
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use offload_core::backend::Completer;
 use offload_core::{TaskError, TaskHandle};
-use offload_ipc::protocol::{Blob, WireError};
+use offload_ipc::protocol::{Blob, Blobs, WireError};
 use serde::de::DeserializeOwned;
 
 /// Identifies a request on the wire; unique within a pool.
@@ -17,7 +17,7 @@ pub(crate) type RequestId = u64;
 #[derive(Clone)]
 pub(crate) enum Payload {
     One(Blob),
-    Batch(Vec<Blob>),
+    Batch(Blobs),
 }
 
 /// How a job ended, as the scheduler sees it.
@@ -205,7 +205,7 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     let job = Job {
         id,
         name,
-        payload: Payload::Batch(inputs),
+        payload: Payload::Batch(Blobs::new(inputs)),
         reply: Box::new(BatchReply(completer)),
         options,
         attempts: 0,

@@ -131,7 +131,8 @@ impl ProcessPool {
             return Ok(handle);
         }
         let input = match self.encode(&task) {
-            Ok(input) => input,
+            // Shared: the job keeps it while it runs, and sending it must not copy it.
+            Ok(input) => Blob::shared(input),
             Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
         };
         let id = self.next_id();
@@ -196,7 +197,7 @@ impl ProcessPool {
         let _ = self.inner.commands.send(Command::Submit(job));
     }
 
-    fn encode<T: Task>(&self, task: &T) -> Result<Blob, TaskError> {
+    fn encode<T: Task>(&self, task: &T) -> Result<Vec<u8>, TaskError> {
         let bytes = offload_core::encode(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
         if bytes.len() > limit {
@@ -209,7 +210,7 @@ impl ProcessPool {
                 ),
             ));
         }
-        Ok(Blob::new(bytes))
+        Ok(bytes)
     }
 }
 
@@ -234,7 +235,8 @@ impl Executor for ProcessPool {
             match self.encode(task) {
                 Ok(input) => {
                     total += input.len() + 8;
-                    inputs.push(input);
+                    // The batch shares its list; each task's bytes need no sharing of their own.
+                    inputs.push(Blob::new(input));
                 }
                 Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
             }

@@ -37,6 +37,15 @@ const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// initializer), the pool is broken: starting more would only be a crash loop.
 const MAX_START_FAILURES: u32 = 3;
 
+/// The adaptive window keeps about this much work queued on each worker: enough to hide the
+/// round trip behind tiny tasks, little enough that long tasks do not pile up on one worker
+/// while another idles.
+const QUEUED_WORK_TARGET: Duration = Duration::from_millis(1);
+
+/// Bounds of the adaptive window.
+const WINDOW_MIN: usize = 2;
+const WINDOW_MAX: usize = 64;
+
 /// Ids of the scheduler's own requests (initializers), apart from the pool's.
 const INTERNAL_IDS: RequestId = 1 << 63;
 
@@ -55,7 +64,8 @@ pub(crate) struct Settings {
     pub(crate) max_workers: usize,
     /// How long a worker beyond `workers` may sit idle before it exits.
     pub(crate) idle_timeout: Duration,
-    pub(crate) window: usize,
+    /// Requests in flight per worker: fixed, or `None` to adapt to the tasks' length.
+    pub(crate) window: Option<usize>,
     pub(crate) socket: String,
     pub(crate) token: [u8; TOKEN_LEN],
     pub(crate) cancel_grace: Duration,
@@ -89,6 +99,8 @@ struct Worker {
     served: u64,
     /// When it last ran out of work, for the idle timeout.
     idle_since: Option<tokio::time::Instant>,
+    /// When its front request started running, to learn how long requests take.
+    front_since: Option<tokio::time::Instant>,
     /// The initializer's request while it runs; no work is sent before it succeeds.
     init: Option<RequestId>,
     /// The request the scheduler killed this worker for, and why.
@@ -123,6 +135,8 @@ pub(crate) struct Scheduler {
     /// Why the last worker failed to start, for the error a user sees.
     last_start_error: Option<String>,
     broken: Option<String>,
+    /// Moving average of how long a request runs on a worker (for the adaptive window).
+    service_time: Option<Duration>,
     next_internal_id: RequestId,
     stats: PoolStats,
     published: Arc<Mutex<Published>>,
@@ -148,6 +162,7 @@ impl Scheduler {
             start_failures: 0,
             last_start_error: None,
             broken: None,
+            service_time: None,
             next_internal_id: INTERNAL_IDS,
             stats: PoolStats::default(),
             published,
@@ -197,6 +212,7 @@ impl Scheduler {
                             sent: VecDeque::new(),
                             served: 0,
                             idle_since: None,
+                            front_since: None,
                             init: None,
                             kill: None,
                         },
@@ -377,6 +393,15 @@ impl Scheduler {
             return;
         };
         worker.sent.remove(position);
+        if position == 0 {
+            if let Some(since) = worker.front_since.take() {
+                let took = since.elapsed();
+                self.service_time = Some(match self.service_time {
+                    None => took,
+                    Some(avg) => (avg * 7 + took) / 8,
+                });
+            }
+        }
         if let Some((_, job)) = self.in_flight.remove(&id) {
             let ok = match &outcome {
                 Outcome::One(r) => r.is_ok(),
@@ -443,7 +468,7 @@ impl Scheduler {
             .values()
             .filter(|w| !w.retiring && (w.writer.is_none() || w.init.is_some()))
             .count();
-        let wanted = self.queue.len().div_ceil(self.settings.window);
+        let wanted = self.queue.len().div_ceil(self.window());
         let extra = wanted
             .saturating_sub(starting)
             .min(self.settings.max_workers.saturating_sub(active));
@@ -497,9 +522,13 @@ impl Scheduler {
 
     /// Starts the timeout of the request now at the front of a worker (now running).
     fn arm_front(&mut self, pid: u32) {
-        let Some(&id) = self.workers.get(&pid).and_then(|w| w.sent.front()) else {
+        let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
+        let Some(&id) = worker.sent.front() else {
+            return;
+        };
+        worker.front_since = Some(tokio::time::Instant::now());
         if let Some(timeout) = self.in_flight.get(&id).and_then(|(_, j)| j.options.timeout) {
             self.after(timeout, Event::Deadline { pid, id, timeout });
         }
@@ -696,6 +725,23 @@ impl Scheduler {
         self.broken = Some(reason);
     }
 
+    /// Requests in flight per worker: the configured number, or enough to keep about
+    /// `QUEUED_WORK_TARGET` of work queued on each worker at the measured request length.
+    fn window(&self) -> usize {
+        if let Some(fixed) = self.settings.window {
+            return fixed;
+        }
+        match self.service_time {
+            None => WINDOW_MIN,
+            Some(t) => {
+                let fits = QUEUED_WORK_TARGET.as_nanos() / t.as_nanos().max(1);
+                usize::try_from(fits)
+                    .unwrap_or(WINDOW_MAX)
+                    .clamp(WINDOW_MIN, WINDOW_MAX)
+            }
+        }
+    }
+
     /// Sends queued jobs to the least-loaded workers with room in their window. On a broken
     /// pool, fails them instead: whatever reached the queue after the pool broke (work put
     /// back from a lost worker, a retry) must not wait for workers that will never come.
@@ -708,7 +754,7 @@ impl Scheduler {
             }
             return;
         }
-        let window = self.settings.window;
+        let window = self.window();
         let max = self.settings.max_requests_per_worker;
         while !self.queue.is_empty() {
             let Some((&pid, _)) = self

@@ -45,8 +45,11 @@ fn start_killer(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut seed = u64::from(std::process::id()) | 1;
         let mut kills = 0;
-        while !stop.load(Ordering::Relaxed) {
+        loop {
             std::thread::sleep(KILL_EVERY);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
             let mut pids: Vec<u32> = children().into_iter().filter(|p| alive(*p)).collect();
             if pids.is_empty() {
                 continue;
@@ -134,7 +137,17 @@ fn chaos(retries: u32) {
             "with retries every result is correct"
         );
     }
-    // The pool still works after the storm.
+    // The pool still works after the storm, once it has noticed the last kill: a worker killed
+    // a moment ago may not be known dead yet, and its first request would fail as a crash.
+    let deadline = Instant::now() + WATCHDOG;
+    while pool.stats().restarts < kills || pool.stats().workers < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not recover: {:?}",
+            pool.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let after: Vec<_> = (0..100).map(|i| pool.submit(Work(i))).collect();
     for (i, mut h) in after.into_iter().enumerate() {
         assert_eq!(h.wait_timeout(WATCHDOG), Some(Ok(expected(i as u64))));
