@@ -314,12 +314,14 @@ fn a_batch_fails_per_task_and_a_refused_batch_is_given_back() {
 #[test]
 fn cancelling_a_running_batch_skips_its_remaining_tasks() {
     static RAN: AtomicUsize = AtomicUsize::new(0);
+    static FIRST_STARTED: AtomicBool = AtomicBool::new(false);
     #[derive(Serialize, Deserialize)]
     struct SpinUntilCancelled(u32);
     impl Task for SpinUntilCancelled {
         type Output = ();
         const NAME: &'static str = "tests::SpinUntilCancelled";
         fn run(self) {
+            FIRST_STARTED.store(true, Ordering::SeqCst);
             let deadline = Instant::now() + LIMIT;
             while self.0 == 0 && !offload_core::is_cancelled() && Instant::now() < deadline {
                 thread::yield_now();
@@ -332,10 +334,13 @@ fn cancelling_a_running_batch_skips_its_remaining_tasks() {
         .try_submit_batch((0..4).map(SpinUntilCancelled).collect())
         .unwrap();
     let deadline = Instant::now() + LIMIT;
-    while !batch.is_running() {
+    // Wait for the first task itself, not just the batch: a cancel between the two would
+    // (rightly) skip every task.
+    while !FIRST_STARTED.load(Ordering::SeqCst) {
         assert!(Instant::now() < deadline, "the batch did not start");
         thread::yield_now();
     }
+    assert!(batch.is_running());
     assert!(batch.cancel());
     assert!(wait(batch).unwrap_err().is_cancelled());
     assert!(pool.join_timeout(LIMIT));
