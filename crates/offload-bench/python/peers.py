@@ -141,6 +141,23 @@ class Peers:
         return nbytes / elapsed / 1e6
 
 
+def recycle(n, every):
+    """`n` tiny tasks on 2 workers replaced every `every` tasks; tasks per second.
+
+    `max_tasks_per_child` is refused with the "fork" start method, so this uses "forkserver".
+    On Python 3.11 it can hang (CPython issue 115634): the harness runs it under a timeout.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(WORKERS, mp_context=ctx, max_tasks_per_child=every) as ex:
+        futures = [ex.submit(noop, i) for i in range(n)]
+        total = sum(f.result() for f in futures)
+    elapsed = time.perf_counter() - start
+    if total != n * (n - 1) // 2:
+        raise RuntimeError("recycle lost results")
+    return n / elapsed
+
+
 def info():
     return {
         "python": platform.python_version(),
@@ -261,7 +278,16 @@ def main():
     parser.add_argument(
         "--serve", action="store_true", help="answer JSON requests on stdin (used by offload-bench)"
     )
+    parser.add_argument(
+        "--recycle",
+        nargs=2,
+        metavar=("N", "EVERY"),
+        help="print the tasks/s of N tasks with max_tasks_per_child=EVERY (used by offload-bench)",
+    )
     args = parser.parse_args()
+    if args.recycle:
+        print(recycle(int(args.recycle[0]), int(args.recycle[1])))
+        return
     if args.serve:
         serve()
         return

@@ -9,7 +9,7 @@
 //! sample each), so a change in the machine's load hits them all alike. The pools are built
 //! once and stay warm, except in the startup benchmark, which builds a fresh one per sample.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use futures::StreamExt;
@@ -186,15 +186,17 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         "payload_8mib_mb_per_s",
         &["offload", "python_ppe", "raw_uds"],
     );
+    let recycle_ids = ids("recycle_tasks_per_s", &["offload", "python_ppe"]);
     let want = |ids: &[String]| settings.wants(ids);
-    let (submit, map, roundtrip, startup, payload) = (
+    let (submit, map, roundtrip, startup, payload, recycle) = (
         want(&submit_ids),
         want(&map_ids),
         want(&roundtrip_ids),
         want(&startup_ids),
         want(&payload_ids),
+        want(&recycle_ids),
     );
-    if !(submit || map || roundtrip || startup || payload) {
+    if !(submit || map || roundtrip || startup || payload || recycle) {
         return Ok(Vec::new());
     }
 
@@ -231,6 +233,9 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     if payload {
         rows.extend(bench.payloads()?);
     }
+    if recycle {
+        rows.extend(bench.recycles()?);
+    }
     bench.pool.join();
     if let Some(python) = &bench.python {
         let note = format!(
@@ -247,7 +252,84 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Tasks in the recycling benchmark, and how often a worker is replaced.
+const RECYCLE_TASKS: u64 = 20_000;
+const RECYCLE_EVERY: u64 = 100;
+
 impl Bench {
+    /// `RECYCLE_TASKS` tiny tasks on a pool whose workers are replaced every
+    /// `RECYCLE_EVERY` tasks, pool start included; tasks per second.
+    fn recycle_sample() -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let pool = offload::ProcessPool::builder()
+            .workers(WORKERS)
+            .max_tasks_per_worker(RECYCLE_EVERY)
+            .build()?;
+        let handles: Vec<_> = (0..RECYCLE_TASKS)
+            .map(|x| pool.submit(Noop { x }))
+            .collect();
+        let mut sum = 0;
+        for handle in handles {
+            sum += handle.wait()?;
+        }
+        pool.join();
+        let elapsed = start.elapsed().as_secs_f64();
+        ensure!(
+            sum == RECYCLE_TASKS * (RECYCLE_TASKS - 1) / 2,
+            "recycling lost results"
+        );
+        Ok(RECYCLE_TASKS as f64 / elapsed)
+    }
+
+    /// `process.recycle_tasks_per_s.{offload,python_ppe}`. Python's runs each get a process of
+    /// their own and a time limit: on Python 3.11 `max_tasks_per_child` hangs (CPython issue
+    /// 115634), which is recorded as 0 tasks/s with a note rather than stalling the harness.
+    fn recycles(&mut self) -> anyhow::Result<Vec<Row>> {
+        let runs = if self.sizes.submit_runs > 3 { 3 } else { 1 };
+        let limit = Duration::from_secs(30);
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        let mut hung = 0;
+        for run in 0..runs {
+            eprintln!("[process] recycle, run {}/{runs}", run + 1);
+            ours.push(Self::recycle_sample()?);
+            if self.python.is_some() {
+                match crate::python::recycle_once(RECYCLE_TASKS, RECYCLE_EVERY, limit)? {
+                    Some(rate) => theirs.push(rate),
+                    None => {
+                        hung += 1;
+                        theirs.push(0.0);
+                    }
+                }
+            }
+        }
+        let mut rows = vec![Row::new(
+            "process.recycle_tasks_per_s.offload",
+            "tasks/s",
+            Better::Higher,
+            ours,
+        )];
+        if self.python.is_some() {
+            let mut row = Row::new(
+                "process.recycle_tasks_per_s.python_ppe",
+                "tasks/s",
+                Better::Higher,
+                theirs,
+            );
+            row.note = Some(if hung > 0 {
+                format!(
+                    "ProcessPoolExecutor(2, forkserver, max_tasks_per_child={RECYCLE_EVERY}): \
+                     {hung} of {runs} runs did not finish within {limit:?} (hung: CPython issue \
+                     115634) and count as 0"
+                )
+            } else {
+                format!("ProcessPoolExecutor(2, forkserver, max_tasks_per_child={RECYCLE_EVERY})")
+            });
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
     /// `n` tiny tasks submitted one by one, then waited for in order; tasks per second.
     fn submit_sample(&self, n: u64) -> anyhow::Result<f64> {
         let start = Instant::now();

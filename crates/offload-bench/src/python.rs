@@ -33,6 +33,46 @@ fn script() -> PathBuf {
         .join("peers.py")
 }
 
+/// One run of `peers.py --recycle N EVERY` in a process of its own, killed after `limit`:
+/// Python's `max_tasks_per_child` can hang (CPython issue 115634), and a hang must not stop the
+/// harness. `Ok(None)` when it did not finish in time.
+pub(crate) fn recycle_once(n: u64, every: u64, limit: Duration) -> anyhow::Result<Option<f64>> {
+    let interpreter = std::env::var(ENV_PYTHON).unwrap_or_else(|_| "python3".to_owned());
+    let mut child = Command::new(&interpreter)
+        .arg(script())
+        .args(["--recycle", &n.to_string(), &every.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("could not start `{interpreter}`"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut out = String::new();
+            if let Some(mut stdout) = child.stdout.take() {
+                std::io::Read::read_to_string(&mut stdout, &mut out)?;
+            }
+            if !status.success() {
+                bail!("peers.py --recycle failed ({status})");
+            }
+            return Ok(Some(
+                out.trim()
+                    .parse()
+                    .context("peers.py --recycle printed no number")?,
+            ));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Its forkserver and workers are its children: the kill leaves them without a
+            // parent, and they exit when their pipes close.
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Python {
     /// Starts the script; `None` (after saying so) when there is no Python to run it.
     pub(crate) fn start() -> anyhow::Result<Option<Python>> {
