@@ -59,12 +59,19 @@ impl<T> Completer<T> {
 
     /// True once the caller cancelled the task (or dropped its handle).
     pub fn is_cancelled(&self) -> bool {
-        self.shared().cancel.is_raised()
+        self.shared().is_cancel_raised()
     }
 
-    /// The task's cancel flag, to make current with [`enter`] while the task runs.
-    pub fn cancel_flag(&self) -> CancelFlag {
-        self.shared().cancel.clone()
+    /// The task's cancel flag, to make current with [`enter`] while the task runs. It is the
+    /// handle's own: no allocation.
+    pub fn cancel_flag(&self) -> CancelFlag
+    where
+        T: Send + 'static,
+    {
+        match &self.shared {
+            Some(shared) => CancelFlag::of(shared.clone()),
+            None => unreachable!("a completer is only emptied by `complete`, which consumes it"),
+        }
     }
 
     /// Registers `hook`, run once if the caller cancels the task before it completes (at once,

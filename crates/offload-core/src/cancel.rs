@@ -6,23 +6,54 @@ use std::sync::Arc;
 
 /// A shared flag raised when a task is cancelled. Backends make one current while a task runs
 /// (see [`backend::enter`](crate::backend::enter)) so that [`is_cancelled`] can read it.
-#[derive(Clone, Debug, Default)]
-pub struct CancelFlag(Arc<AtomicBool>);
+#[derive(Clone)]
+pub struct CancelFlag(Arc<dyn HasFlag>);
+
+/// Something that holds a cancel flag. A task handle's shared state holds its own, so the
+/// flag of a submitted task costs no allocation of its own.
+pub(crate) trait HasFlag: Send + Sync {
+    fn flag(&self) -> &AtomicBool;
+}
+
+impl HasFlag for AtomicBool {
+    fn flag(&self) -> &AtomicBool {
+        self
+    }
+}
 
 impl CancelFlag {
     /// A flag that is not raised.
     pub fn new() -> Self {
-        CancelFlag::default()
+        CancelFlag(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// The flag held by `holder`.
+    pub(crate) fn of(holder: Arc<dyn HasFlag>) -> Self {
+        CancelFlag(holder)
     }
 
     /// Raises the flag. It stays raised.
     pub fn raise(&self) {
-        self.0.store(true, Ordering::Release);
+        self.0.flag().store(true, Ordering::Release);
     }
 
     /// True once the flag was raised.
     pub fn is_raised(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.flag().load(Ordering::Acquire)
+    }
+}
+
+impl Default for CancelFlag {
+    fn default() -> Self {
+        CancelFlag::new()
+    }
+}
+
+impl std::fmt::Debug for CancelFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CancelFlag")
+            .field(&self.is_raised())
+            .finish()
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::cancel::CancelFlag;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cancel::HasFlag;
 use crate::TaskError;
 
 /// Where a task is in its life. Transitions only go forward: `Queued -> Running -> Done` or
@@ -26,7 +28,7 @@ pub(crate) struct Shared<T> {
     /// Signalled when the task becomes `Done`, for blocking waiters only.
     done: Condvar,
     /// Raised by `cancel()`; the running task reads it through `offload::is_cancelled()`.
-    pub(crate) cancel: CancelFlag,
+    cancelled: AtomicBool,
 }
 
 struct Inner<T> {
@@ -53,8 +55,12 @@ impl<T> Shared<T> {
                 on_cancel: None,
             }),
             done: Condvar::new(),
-            cancel: CancelFlag::new(),
+            cancelled: AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn is_cancel_raised(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<T>> {
@@ -100,7 +106,7 @@ impl<T> Shared<T> {
             return false;
         }
         if cancelling {
-            self.cancel.raise();
+            self.cancelled.store(true, Ordering::Release);
         }
         inner.status = Status::Done;
         inner.result = Some(result);
@@ -126,7 +132,7 @@ impl<T> Shared<T> {
         let mut inner = self.lock();
         if inner.status != Status::Done {
             inner.on_cancel = Some(hook);
-        } else if self.cancel.is_raised() {
+        } else if self.is_cancel_raised() {
             drop(inner);
             hook();
         }
@@ -141,6 +147,12 @@ impl<T> Shared<T> {
         }
         register(&mut inner.waker, cx.waker());
         Poll::Pending
+    }
+}
+
+impl<T: Send> HasFlag for Shared<T> {
+    fn flag(&self) -> &AtomicBool {
+        &self.cancelled
     }
 }
 
@@ -206,7 +218,7 @@ impl<T> TaskHandle<T> {
 
     /// True when the task was cancelled (through [`cancel`](Self::cancel)).
     pub fn is_cancelled(&self) -> bool {
-        self.shared.cancel.is_raised() && self.shared.status() == Status::Done
+        self.shared.is_cancel_raised() && self.shared.status() == Status::Done
     }
 
     /// True while a worker is running the task.
