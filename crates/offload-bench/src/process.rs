@@ -187,6 +187,7 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         &["offload", "python_ppe", "raw_uds"],
     );
     let recycle_ids = ids("recycle_tasks_per_s", &["offload", "python_ppe"]);
+    let rss_ids = ids("idle_worker_rss_mib", &["offload"]);
     let want = |ids: &[String]| settings.wants(ids);
     let (submit, map, roundtrip, startup, payload, recycle) = (
         want(&submit_ids),
@@ -196,7 +197,8 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         want(&payload_ids),
         want(&recycle_ids),
     );
-    if !(submit || map || roundtrip || startup || payload || recycle) {
+    let rss = want(&rss_ids);
+    if !(submit || map || roundtrip || startup || payload || recycle || rss) {
         return Ok(Vec::new());
     }
 
@@ -236,6 +238,9 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     if recycle {
         rows.extend(bench.recycles()?);
     }
+    if rss {
+        rows.push(Bench::idle_rss()?);
+    }
     bench.pool.join();
     if let Some(python) = &bench.python {
         let note = format!(
@@ -252,11 +257,61 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Direct children of this process (Linux), from /proc.
+fn children() -> std::collections::HashSet<u32> {
+    let mut out = std::collections::HashSet::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// Tasks in the recycling benchmark, and how often a worker is replaced.
 const RECYCLE_TASKS: u64 = 20_000;
 const RECYCLE_EVERY: u64 = 100;
 
 impl Bench {
+    /// `process.idle_worker_rss_mib.offload`: the resident memory (VmRSS) of each worker of a
+    /// fresh pool that has served one task and sits idle, one sample per worker.
+    fn idle_rss() -> anyhow::Result<Row> {
+        let before = children();
+        let pool = offload::ProcessPool::builder().workers(WORKERS).build()?;
+        pool.submit(Noop { x: 1 }).wait()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let mut samples = Vec::new();
+        for pid in children().difference(&before) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let kib: f64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .context("no VmRSS in /proc/<pid>/status")?;
+            samples.push(kib / 1024.0);
+        }
+        pool.join();
+        ensure!(!samples.is_empty(), "found no worker processes");
+        let mut row = Row::new(
+            "process.idle_worker_rss_mib.offload",
+            "MiB",
+            Better::Lower,
+            samples,
+        );
+        row.note = Some(
+            "VmRSS of each idle worker of a fresh 2-worker pool (the bench binary re-executed) \
+             after one task"
+                .to_owned(),
+        );
+        Ok(row)
+    }
+
     /// `RECYCLE_TASKS` tiny tasks on a pool whose workers are replaced every
     /// `RECYCLE_EVERY` tasks, pool start included; tasks per second.
     fn recycle_sample() -> anyhow::Result<f64> {
