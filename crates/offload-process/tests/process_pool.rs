@@ -605,12 +605,14 @@ fn workers_die_with_their_parent() {
     let (mut parent, workers) = spawn_orphan_parent(false);
     parent.kill().unwrap();
     parent.wait().unwrap();
+    assert_dead_after_2s(&workers, "its SIGKILLed parent");
+}
+
+/// Gives the kernel 2 s to take `workers` down with their parent, then checks none is alive.
+fn assert_dead_after_2s(workers: &[u32], cause: &str) {
     std::thread::sleep(Duration::from_secs(2));
     for pid in workers {
-        assert!(
-            !alive(pid),
-            "worker {pid} outlived its SIGKILLed parent by 2 s"
-        );
+        assert!(!alive(*pid), "worker {pid} outlived {cause} by 2 s");
     }
 }
 
@@ -1059,13 +1061,7 @@ fn sigint_and_sigterm_of_the_parent_leave_no_worker_behind() {
             .expect("the parent hung on the signal")
             .unwrap();
         assert!(!status.success());
-        std::thread::sleep(Duration::from_secs(2));
-        for pid in workers {
-            assert!(
-                !alive(pid),
-                "worker {pid} outlived its parent's signal {signal}"
-            );
-        }
+        assert_dead_after_2s(&workers, &format!("its parent's signal {signal}"));
     }
 }
 
