@@ -1,15 +1,14 @@
 //! The worker loop: what a process started as a worker runs instead of `main`.
 //!
 //! Blocking and thread-based on purpose: no async runtime, so a worker stays small and
-//! starts fast. Two threads: the reader takes requests off the socket (many per read) and
-//! applies cancels at once, even while a task runs; the main thread runs tasks one at a time
-//! and writes each result as soon as it is done.
+//! starts fast. One thread, the runner, runs every task in order, writes each result as soon as
+//! it is done, and reads the connection itself when idle; a watcher reads while a task runs,
+//! so cancels apply at once (see `Inbox`).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
-use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, Stream};
@@ -98,7 +97,7 @@ fn die_with_parent() {
 /// is set relative to the worker's own baseline: a small limit does not starve the worker
 /// itself. An allocation past it fails, and Rust aborts the worker.
 ///
-/// Called on the task thread before its first task, once the worker's threads exist.
+/// Called once the worker's threads exist, before the first task.
 fn limit_memory(bytes: u64) -> Result<(), WorkerExit> {
     let total = data_segment_bytes().saturating_add(bytes);
     let limit = libc::rlimit {
@@ -193,42 +192,50 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
         ));
     }
 
-    let cancels: &'static Mutex<Cancels> = Box::leak(Box::default());
-    let (work_tx, work_rx) = mpsc::channel::<Request>();
-    std::thread::Builder::new()
-        .name("offload-reader".into())
-        .spawn(move || read_requests(reader, work_tx, cancels))
-        .map_err(|e| {
-            WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
-        })?;
-    // Tasks run on a thread of their own, named so that a panic message reads
-    // "thread 'offload-task' panicked" and not like the user's own `main`. It gets a main
-    // thread's stack, so deep recursion behaves as it would in the caller.
+    let wake = Wake::new().map_err(|e| {
+        WorkerExit::new(
+            exit_code::NO_PARENT,
+            format!("cannot create an eventfd: {e}"),
+        )
+    })?;
+    let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(reader, outbox, wake)));
+    // The runner thread is named so that a panic message reads "thread 'offload-task'
+    // panicked" and not like the user's own `main`. It gets a main thread's stack, so deep
+    // recursion behaves as it would in the caller.
     let runner = std::thread::Builder::new()
         .name("offload-task".into())
         .stack_size(TASK_STACK)
-        .spawn(move || {
-            if let Some(limit) = memory_limit {
-                if let Err(WorkerExit { code, message }) = limit_memory(limit) {
-                    eprintln!(
-                        "offload worker {}: {}",
-                        std::process::id(),
-                        message.unwrap_or_default()
-                    );
-                    std::process::exit(code);
-                }
-            }
-            run_requests(&work_rx, outbox, cancels);
-        })
+        .spawn(move || inbox.run())
         .map_err(|e| {
             WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
         })?;
+    std::thread::Builder::new()
+        .name("offload-watch".into())
+        .stack_size(WATCHER_STACK)
+        .spawn(move || inbox.watch())
+        .map_err(|e| {
+            WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
+        })?;
+    // The limit is relative to what the worker uses with its threads in place, and set
+    // before they take their first request.
+    if let Some(limit) = memory_limit {
+        limit_memory(limit)?;
+    }
+    inbox.open();
+    // The threads end the process themselves; this join returns only if the runner panicked
+    // outside a task, which is a bug in the worker.
     let _ = runner.join();
-    Ok(())
+    Err(WorkerExit::new(
+        exit_code::PROTOCOL,
+        "the task thread ended unexpectedly",
+    ))
 }
 
 /// Stack of the thread that runs tasks: what a main thread gets on Linux.
 const TASK_STACK: usize = 8 << 20;
+
+/// Stack of the watcher, which only reads and decodes.
+const WATCHER_STACK: usize = 256 << 10;
 
 /// One unit of work from the parent.
 enum Request {
@@ -244,54 +251,247 @@ enum Request {
     },
 }
 
-/// Which requests the worker holds, for cancels: those queued here, the cancelled ones among
-/// them, and the running request's flag. A cancel for a request the worker no longer holds
-/// (it finished) is dropped, so nothing accumulates.
-#[derive(Default)]
-struct Cancels {
-    queued: HashSet<u64>,
+impl Request {
+    fn id(&self) -> u64 {
+        match self {
+            Request::One { id, .. } | Request::Batch { id, .. } => *id,
+        }
+    }
+}
+
+/// The worker's requests, and which thread reads the connection.
+///
+/// Every task runs on one thread, the runner (`offload-task`), so thread-locals an
+/// initializer sets stay visible to every later task. The runner also reads the connection
+/// itself whenever it is idle: a request then costs one wake-up in the worker, the read, not
+/// two (a reader thread, then a hand-over to a task thread). While a task runs, the watcher
+/// (`offload-watch`) holds the reader instead, so cancels and further requests are read at
+/// once; when the runner is idle again it asks for the reader back through an eventfd, which
+/// the watcher polls beside the socket. Both hand-overs happen while the runner is not waiting
+/// for a request, so neither is on a round trip's path.
+struct Inbox {
+    state: Mutex<InboxState>,
+    /// The runner waits here for work or for the reader.
+    runner: Condvar,
+    /// The watcher waits here for a running task to watch over.
+    watcher: Condvar,
+    /// Interrupts the watcher's poll when the runner wants the reader back.
+    wake: Wake,
+    outbox: &'static Outbox,
+}
+
+struct InboxState {
+    /// False until the worker's setup is done.
+    open: bool,
+    /// The connection's read side; `None` while a thread is reading.
+    reader: Option<Reader>,
+    queue: VecDeque<Request>,
+    /// Queued requests cancelled before they started.
     early: HashSet<u64>,
+    /// The running request and its cancel flag.
     running: Option<(u64, CancelFlag)>,
+    /// The idle runner asked the watcher for the reader.
+    reclaim: bool,
+    /// The parent asked the worker to exit once the queue is done.
+    exiting: bool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded data is plain bookkeeping; a panic elsewhere cannot leave it half-updated.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+impl Inbox {
+    fn new(reader: Reader, outbox: &'static Outbox, wake: Wake) -> Self {
+        Inbox {
+            state: Mutex::new(InboxState {
+                open: false,
+                reader: Some(reader),
+                queue: VecDeque::new(),
+                early: HashSet::new(),
+                running: None,
+                reclaim: false,
+                exiting: false,
+            }),
+            runner: Condvar::new(),
+            watcher: Condvar::new(),
+            wake,
+            outbox,
+        }
+    }
+
+    fn open(&self) {
+        lock(&self.state).open = true;
+        self.runner.notify_all();
+    }
+
+    /// The runner: runs requests in order, answers each as soon as it is done, and reads
+    /// when there is nothing to run.
+    fn run(&self) {
+        let mut state = lock(&self.state);
+        while !state.open {
+            state = wait(&self.runner, state);
+        }
+        loop {
+            if let Some(request) = state.queue.pop_front() {
+                let flag = CancelFlag::new();
+                if state.early.remove(&request.id()) {
+                    flag.raise();
+                }
+                state.running = Some((request.id(), flag.clone()));
+                if state.reader.is_some() {
+                    // Somebody must read cancels while this runs.
+                    self.watcher.notify_one();
+                }
+                drop(state);
+                let reply = run_request(request, &flag);
+                // Answered as soon as it is done: the worker cannot know how long the next
+                // task runs, and a quick result must not wait behind a slow task (tiny tasks
+                // share writes through `map`'s batches instead).
+                self.outbox.send_result(reply);
+                state = lock(&self.state);
+                state.running = None;
+                continue;
+            }
+            if state.exiting {
+                std::process::exit(exit_code::DONE);
+            }
+            if let Some(mut reader) = state.reader.take() {
+                state.reclaim = false;
+                drop(state);
+                let messages = reader.read_some();
+                state = lock(&self.state);
+                state.reader = Some(reader);
+                state.apply_or_exit(messages);
+                continue;
+            }
+            // The watcher has the reader: ask for it back, and wait for it or for work.
+            if !state.reclaim {
+                state.reclaim = true;
+                self.wake.raise();
+            }
+            state = wait(&self.runner, state);
+        }
+    }
+
+    /// The watcher: holds the reader while a task runs, and gives it back to the idle runner.
+    fn watch(&self) {
+        let mut state = lock(&self.state);
+        loop {
+            while !(state.open && state.running.is_some() && state.reader.is_some()) {
+                state = wait(&self.watcher, state);
+            }
+            let Some(mut reader) = state.reader.take() else {
+                continue;
+            };
+            drop(state);
+            loop {
+                let readable = reader.poll_with(&self.wake);
+                state = lock(&self.state);
+                if readable {
+                    drop(state);
+                    let messages = reader.read_some();
+                    state = lock(&self.state);
+                    state.apply_or_exit(messages);
+                    if !state.queue.is_empty() || state.exiting {
+                        self.runner.notify_one();
+                    }
+                }
+                if state.reclaim && state.running.is_none() {
+                    state.reader = Some(reader);
+                    self.runner.notify_one();
+                    break;
+                }
+                drop(state);
+            }
+        }
+    }
 }
 
-/// The reader thread: requests to the queue, cancels applied at once. When the parent goes
-/// away the worker has no reason to live: it exits, even in the middle of a task.
-fn read_requests(mut reader: Reader, work: mpsc::Sender<Request>, cancels: &Mutex<Cancels>) {
-    let mut work = Some(work);
-    loop {
-        let message = match reader.next() {
-            Ok(Some(message)) => message,
-            Ok(None) => std::process::exit(exit_code::DONE),
+fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar.wait(guard).unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An eventfd the runner raises to interrupt the watcher's poll.
+struct Wake {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Wake {
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd takes plain integers; a non-negative result is a new descriptor
+        // that nothing else owns.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Wake {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn raise(&self) {
+        use std::os::fd::AsRawFd;
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. It cannot block
+        // (EFD_NONBLOCK); a full counter (EAGAIN) leaves it readable, which is all we need.
+        unsafe {
+            libc::write(
+                self.fd.as_raw_fd(),
+                std::ptr::from_ref(&one).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+
+    fn clear(&self) {
+        use std::os::fd::AsRawFd;
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from our own non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                std::ptr::from_mut(&mut count).cast(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+}
+
+impl InboxState {
+    /// Applies what a read brought, or ends the process when the read failed: when the
+    /// parent goes away the worker has no reason to live, even in the middle of a task.
+    fn apply_or_exit(&mut self, messages: Result<Vec<ToWorker>, WorkerExit>) {
+        match messages {
+            Ok(messages) => {
+                for message in messages {
+                    self.apply(message);
+                }
+            }
             Err(WorkerExit { code, message }) => {
                 if let Some(message) = message {
                     eprintln!("offload worker {}: {message}", std::process::id());
                 }
                 std::process::exit(code)
             }
-        };
+        }
+    }
+
+    fn apply(&mut self, message: ToWorker) {
         let request = match message {
             ToWorker::Run { id, task, input } => Request::One { id, task, input },
             ToWorker::RunBatch { id, task, inputs } => Request::Batch { id, task, inputs },
             ToWorker::Cancel { id } => {
-                let mut c = lock(cancels);
-                match &c.running {
+                match &self.running {
                     Some((running, flag)) if *running == id => flag.raise(),
-                    _ if c.queued.contains(&id) => {
-                        c.early.insert(id);
+                    _ if self.queue.iter().any(|r| r.id() == id) => {
+                        self.early.insert(id);
                     }
+                    // Finished already: nothing to keep.
                     _ => {}
                 }
-                continue;
+                return;
             }
-            // Dropping the sender lets the main thread finish the queue and return.
             ToWorker::Exit => {
-                work = None;
-                continue;
+                self.exiting = true;
+                return;
             }
             other @ (ToWorker::Welcome { .. } | ToWorker::Refused { .. }) => {
                 eprintln!(
@@ -301,50 +501,30 @@ fn read_requests(mut reader: Reader, work: mpsc::Sender<Request>, cancels: &Mute
                 std::process::exit(exit_code::PROTOCOL)
             }
         };
-        if let Some(work) = &work {
-            let id = match &request {
-                Request::One { id, .. } | Request::Batch { id, .. } => *id,
-            };
-            lock(cancels).queued.insert(id);
-            let _ = work.send(request);
+        if !self.exiting {
+            self.queue.push_back(request);
         }
     }
 }
 
-/// The main thread: runs requests in order and answers each as soon as it is done. Results
-/// are not held back to share a write with the next one: the worker cannot know how long the
-/// next task runs, and a quick result must not wait behind a slow task (tiny tasks share
-/// writes through `map`'s batches instead).
-fn run_requests(work: &mpsc::Receiver<Request>, outbox: &Outbox, cancels: &Mutex<Cancels>) {
-    while let Ok(request) = work.recv() {
-        let id = match &request {
-            Request::One { id, .. } | Request::Batch { id, .. } => *id,
-        };
-        let flag = CancelFlag::new();
-        {
-            let mut c = lock(cancels);
-            c.queued.remove(&id);
-            if c.early.remove(&id) {
-                flag.raise();
-            }
-            c.running = Some((id, flag.clone()));
-        }
-        let reply = {
-            let _request = enter_request(id);
-            let _flag = backend::enter(flag.clone());
-            match request {
-                Request::One { task, input, .. } => ToParent::Done {
-                    id,
-                    output: run_one(&task, &input, &flag),
-                },
-                Request::Batch { task, inputs, .. } => ToParent::BatchDone {
-                    id,
-                    outputs: inputs.iter().map(|i| run_one(&task, i, &flag)).collect(),
-                },
-            }
-        };
-        lock(cancels).running = None;
-        outbox.send_result(reply);
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is plain bookkeeping; a panic elsewhere cannot leave it half-updated.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn run_request(request: Request, flag: &CancelFlag) -> ToParent {
+    let id = request.id();
+    let _request = enter_request(id);
+    let _flag = backend::enter(flag.clone());
+    match request {
+        Request::One { task, input, .. } => ToParent::Done {
+            id,
+            output: run_one(&task, &input, flag),
+        },
+        Request::Batch { task, inputs, .. } => ToParent::BatchDone {
+            id,
+            outputs: inputs.iter().map(|i| run_one(&task, i, flag)).collect(),
+        },
     }
 }
 
@@ -375,6 +555,59 @@ impl Reader {
             recv,
             decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
         }
+    }
+
+    /// The messages of one read (at least one), waiting for them if need be. The end of the
+    /// stream is an error with exit code `DONE`: the parent is gone.
+    fn read_some(&mut self) -> Result<Vec<ToWorker>, WorkerExit> {
+        let first = self.next()?.ok_or(WorkerExit {
+            code: exit_code::DONE,
+            message: None,
+        })?;
+        let mut messages = vec![first];
+        // The rest of what that read brought in; no further read.
+        loop {
+            match self.decoder.next_message::<ToWorker>() {
+                Ok(Some(message)) => messages.push(message),
+                Ok(None) => return Ok(messages),
+                Err(e) => return Err(protocol_error(&e)),
+            }
+        }
+    }
+
+    /// Waits until the connection has something to read (true; also at its end) or `wake`
+    /// was raised (false, and `wake` is cleared). `read_some` leaves no whole message in the
+    /// decoder, so the socket alone says whether there is more.
+    fn poll_with(&self, wake: &Wake) -> bool {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Stream::UdSocket(socket) = self.recv;
+        let mut fds = [
+            libc::pollfd {
+                fd: socket.as_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: `fds` is a live array of two pollfd structs, and its length is passed.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if rc >= 0 {
+                break;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                // Cannot wait: let the read find out what is wrong.
+                return true;
+            }
+        }
+        if fds[1].revents != 0 {
+            wake.clear();
+        }
+        fds[0].revents != 0
     }
 
     /// The next message; `None` at a clean end of stream.

@@ -96,6 +96,14 @@ task!(InitFails(String) -> Result<(), String>, |s| {
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
 
+task!(InitThreadLocal() -> (), |_s| THREAD_STATE.with(|t| t.set(42)));
+task!(ThreadState() -> u32, |_s| THREAD_STATE.with(std::cell::Cell::get));
+
+thread_local! {
+    /// State an initializer keeps in a thread-local (say, a handle that is not `Send`).
+    static THREAD_STATE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// A value whose serialization always fails, as a broken `Serialize` impl would.
 #[derive(Debug, Deserialize)]
 struct Unserializable;
@@ -820,6 +828,26 @@ fn the_initializer_runs_in_every_worker_before_its_first_task() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+fn thread_locals_an_initializer_sets_are_seen_by_every_task() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .initializer(InitThreadLocal())
+        .build()
+        .unwrap();
+    // One by one (each request read by an idle worker) and in a burst (read while a task
+    // runs): every task runs on the thread the initializer ran on.
+    for _ in 0..50 {
+        assert_eq!(wait(pool.submit(ThreadState())), Ok(42));
+    }
+    for h in (0..200)
+        .map(|_| pool.submit(ThreadState()))
+        .collect::<Vec<_>>()
+    {
+        assert_eq!(wait(h), Ok(42));
+    }
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop() {
     let flag = temp_path("init-flag");
     std::fs::write(&flag, "").unwrap();
@@ -1235,13 +1263,16 @@ fn a_worker_holds_only_its_standard_streams_and_its_connection() {
             (fd, target)
         })
         .collect();
-    let extra: Vec<&(u32, String)> = fds.iter().filter(|(fd, _)| *fd > 2).collect();
-    assert_eq!(
-        extra.len(),
-        1,
-        "one descriptor beyond 0-2, its connection: {fds:?}"
-    );
-    assert!(extra[0].1.starts_with("socket:"), "{fds:?}");
+    let mut extra: Vec<&str> = fds
+        .iter()
+        .filter(|(fd, _)| *fd > 2)
+        .map(|(_, target)| target.as_str())
+        .collect();
+    extra.sort_unstable();
+    // Its connection, and the eventfd its own threads signal each other with.
+    assert_eq!(extra.len(), 2, "two descriptors beyond 0-2: {fds:?}");
+    assert_eq!(extra[0], "anon_inode:[eventfd]", "{fds:?}");
+    assert!(extra[1].starts_with("socket:"), "{fds:?}");
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -1366,6 +1397,7 @@ fn main() {
         a_task_past_its_timeout_fails_and_its_worker_is_replaced,
         recycling_every_three_tasks_loses_and_repeats_nothing,
         the_initializer_runs_in_every_worker_before_its_first_task,
+        thread_locals_an_initializer_sets_are_seen_by_every_task,
         a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop,
         a_task_over_the_memory_limit_fails_naming_the_limit,
         retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
