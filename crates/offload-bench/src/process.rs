@@ -119,6 +119,9 @@ impl Sizes {
     }
 }
 
+/// The low-latency mode's polling time in the `offload_spin` rows.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// The goals the process backend is held to, checked after every run that measures them.
 pub(crate) const GOALS: &[Goal] = &[
     Goal {
@@ -132,6 +135,12 @@ pub(crate) const GOALS: &[Goal] = &[
         row: "process.roundtrip_p50_us.offload",
         against: Some("process.roundtrip_p50_us.raw_uds"),
         target: Target::AtMost(1.5),
+    },
+    Goal {
+        what: "round trip p50 in the low-latency mode (spin), us",
+        row: "process.roundtrip_p50_us.offload_spin",
+        against: None,
+        target: Target::AtMost(25.0),
     },
     Goal {
         what: "round trip p99: offload / raw Unix socket",
@@ -163,6 +172,8 @@ pub(crate) const GOALS: &[Goal] = &[
 struct Bench {
     sizes: Sizes,
     pool: offload::ProcessPool,
+    /// The same pool in low-latency mode, for the round trips only.
+    spin_pool: Option<offload::ProcessPool>,
     python: Option<Python>,
     raw: Option<RawEcho>,
 }
@@ -179,7 +190,7 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     let map_ids = ids("map_tasks_per_s", &["offload", "python_pool"]);
     let roundtrip_ids: Vec<String> = ["roundtrip_p50_us", "roundtrip_p99_us"]
         .iter()
-        .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds"]))
+        .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds", "offload_spin"]))
         .collect();
     let startup_ids = ids("startup_ms", &["offload", "python_ppe", "python_ppe_spawn"]);
     let payload_ids = ids(
@@ -212,9 +223,21 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         .workers(WORKERS)
         .build()
         .context("could not build the offload process pool")?;
+    let spin_pool = if roundtrip {
+        Some(
+            offload::ProcessPool::builder()
+                .workers(WORKERS)
+                .spin(SPIN)
+                .build()
+                .context("could not build the low-latency offload process pool")?,
+        )
+    } else {
+        None
+    };
     let mut bench = Bench {
         sizes: Sizes::new(settings.quick),
         pool,
+        spin_pool,
         python,
         raw,
     };
@@ -242,6 +265,9 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         rows.push(Bench::idle_rss()?);
     }
     bench.pool.join();
+    if let Some(pool) = &bench.spin_pool {
+        pool.join();
+    }
     if let Some(python) = &bench.python {
         let note = format!(
             "Python {}, start method {} (the default)",
@@ -515,6 +541,16 @@ impl Bench {
                     latencies.extend(got.iter().filter_map(serde_json::Value::as_f64));
                 }
             }
+            3 => {
+                if let Some(pool) = &self.spin_pool {
+                    for x in 0..n as u64 {
+                        let start = Instant::now();
+                        let y = pool.submit(Noop { x }).wait()?;
+                        latencies.push(start.elapsed().as_secs_f64() * 1e6);
+                        ensure!(y == x, "offload (spin) returned {y} for {x}");
+                    }
+                }
+            }
             _ => {
                 if let Some(raw) = &mut self.raw {
                     for _ in 0..n {
@@ -532,7 +568,7 @@ impl Bench {
     /// `process.roundtrip_p{50,99}_us.{offload,python_ppe,raw_uds}`: per run, the p50 and
     /// p99 of `roundtrips` sequential round trips per system; rows hold the median over runs.
     fn roundtrips(&mut self) -> anyhow::Result<Vec<Row>> {
-        const SYSTEMS: [&str; 3] = ["offload", "python_ppe", "raw_uds"];
+        const SYSTEMS: [&str; 4] = ["offload", "python_ppe", "raw_uds", "offload_spin"];
         if let Some(raw) = &mut self.raw {
             raw.set_message(RAW_MESSAGE);
         }
@@ -569,6 +605,11 @@ impl Bench {
                     Better::Lower,
                     samples,
                 );
+                if *system == "offload_spin" && metric == "roundtrip_p50_us" {
+                    row = row.with_note(format!(
+                        "ProcessPool::builder().workers(2).spin({SPIN:?}): the low-latency mode"
+                    ));
+                }
                 if *system == "raw_uds" && metric == "roundtrip_p50_us" {
                     row = row.with_note(format!(
                         "ping-pong of a {RAW_MESSAGE}-byte message (plus a 4-byte length) \

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -197,6 +197,9 @@ pub enum ToWorker {
         /// A limit on the worker's data segment (heap) in bytes, applied with
         /// `setrlimit(RLIMIT_DATA)`: a task that allocates past it fails its worker.
         memory_limit: Option<u64>,
+        /// Low-latency mode: how long the worker polls for its next request before it
+        /// blocks, in microseconds (0 = off).
+        spin_us: u32,
     },
     /// The handshake failed; the worker prints the reason and exits.
     Refused {

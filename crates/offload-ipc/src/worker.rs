@@ -9,6 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io::{BufRead, Read, Write};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, Stream};
@@ -161,12 +162,13 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     }));
 
     let mut reader = Reader::new(stream);
-    let (max_log_level, max_frame, memory_limit) = match reader.next()? {
+    let (max_log_level, max_frame, memory_limit, spin_us) = match reader.next()? {
         Some(ToWorker::Welcome {
             max_log_level,
             max_frame,
             memory_limit,
-        }) => (max_log_level, max_frame, memory_limit),
+            spin_us,
+        }) => (max_log_level, max_frame, memory_limit, spin_us),
         Some(ToWorker::Refused { reason }) => {
             return Err(WorkerExit::new(
                 exit_code::NO_PARENT,
@@ -198,7 +200,8 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
             format!("cannot create an eventfd: {e}"),
         )
     })?;
-    let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(reader, outbox, wake)));
+    let spin = Duration::from_micros(u64::from(spin_us));
+    let inbox: &'static Inbox = Box::leak(Box::new(Inbox::new(reader, outbox, wake, spin)));
     // The runner thread is named so that a panic message reads "thread 'offload-task'
     // panicked" and not like the user's own `main`. It gets a main thread's stack, so deep
     // recursion behaves as it would in the caller.
@@ -278,6 +281,8 @@ struct Inbox {
     /// Interrupts the watcher's poll when the runner wants the reader back.
     wake: Wake,
     outbox: &'static Outbox,
+    /// Low-latency mode: how long the idle runner polls before it blocks.
+    spin: Duration,
 }
 
 struct InboxState {
@@ -297,7 +302,7 @@ struct InboxState {
 }
 
 impl Inbox {
-    fn new(reader: Reader, outbox: &'static Outbox, wake: Wake) -> Self {
+    fn new(reader: Reader, outbox: &'static Outbox, wake: Wake, spin: Duration) -> Self {
         Inbox {
             state: Mutex::new(InboxState {
                 open: false,
@@ -312,6 +317,7 @@ impl Inbox {
             watcher: Condvar::new(),
             wake,
             outbox,
+            spin,
         }
     }
 
@@ -354,7 +360,7 @@ impl Inbox {
             if let Some(mut reader) = state.reader.take() {
                 state.reclaim = false;
                 drop(state);
-                let messages = reader.read_some();
+                let messages = reader.read_some_spinning(self.spin);
                 state = lock(&self.state);
                 state.reader = Some(reader);
                 state.apply_or_exit(messages);
@@ -365,7 +371,33 @@ impl Inbox {
                 state.reclaim = true;
                 self.wake.raise();
             }
+            if !self.spin.is_zero() {
+                drop(state);
+                state = self.spin_for_turn();
+                if state.reader.is_some() || !state.queue.is_empty() || state.exiting {
+                    continue;
+                }
+            }
             state = wait(&self.runner, state);
+        }
+    }
+
+    /// Low-latency mode: polls the state for up to `spin` until the runner has something to
+    /// do, instead of parking at once.
+    fn spin_for_turn(&self) -> MutexGuard<'_, InboxState> {
+        let end = Instant::now() + self.spin;
+        loop {
+            for _ in 0..64 {
+                std::hint::spin_loop();
+            }
+            let state = lock(&self.state);
+            if state.reader.is_some()
+                || !state.queue.is_empty()
+                || state.exiting
+                || Instant::now() >= end
+            {
+                return state;
+            }
         }
     }
 
@@ -573,6 +605,59 @@ impl Reader {
                 Err(e) => return Err(protocol_error(&e)),
             }
         }
+    }
+
+    /// Like `read_some`, but first polls the socket without blocking for up to `spin`, so a
+    /// request that arrives soon is read without putting the thread to sleep.
+    fn read_some_spinning(&mut self, spin: Duration) -> Result<Vec<ToWorker>, WorkerExit> {
+        if !spin.is_zero() {
+            let end = Instant::now() + spin;
+            let mut turns = 0u32;
+            loop {
+                match self.try_read() {
+                    Some(n) => {
+                        self.decoder.filled(n);
+                        let mut messages = Vec::new();
+                        loop {
+                            match self.decoder.next_message::<ToWorker>() {
+                                Ok(Some(message)) => messages.push(message),
+                                Ok(None) => break,
+                                Err(e) => return Err(protocol_error(&e)),
+                            }
+                        }
+                        if !messages.is_empty() {
+                            return Ok(messages);
+                        }
+                    }
+                    None => {
+                        turns = turns.wrapping_add(1);
+                        if turns % 16 == 0 {
+                            if Instant::now() >= end {
+                                break;
+                            }
+                            // Lets the pool's threads run when every CPU is busy.
+                            std::thread::yield_now();
+                        }
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+        self.read_some()
+    }
+
+    /// One read that does not block: the number of bytes read, or `None` when nothing was
+    /// there (or the stream ended or failed: the blocking read that follows reports it).
+    fn try_read(&mut self) -> Option<usize> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Stream::UdSocket(socket) = self.recv;
+        let fd = socket.as_fd().as_raw_fd();
+        let buf = self.decoder.read_buf();
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`, a live, exclusively
+        // borrowed slice; MSG_DONTWAIT makes this one call non-blocking without changing the
+        // descriptor's flags.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        usize::try_from(n).ok().filter(|&n| n > 0)
     }
 
     /// Waits until the connection has something to read (true; also at its end) or `wake`

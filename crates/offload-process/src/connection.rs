@@ -77,6 +77,7 @@ pub(crate) struct Accept {
     pub(crate) token: [u8; TOKEN_LEN],
     pub(crate) max_frame: usize,
     pub(crate) memory_limit: Option<u64>,
+    pub(crate) spin_us: u32,
 }
 
 /// Serves one accepted connection until it ends.
@@ -131,6 +132,7 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
         max_log_level: parent_log_level(),
         max_frame: accept.max_frame as u64,
         memory_limit: accept.memory_limit,
+        spin_us: accept.spin_us,
     };
     if write_one(&stream, &welcome).await.is_err() {
         return;

@@ -89,14 +89,17 @@ async fn run(
         token: settings.token,
         max_frame,
         memory_limit: settings.memory_limit,
+        spin_us: u32::try_from(settings.spin.as_micros()).unwrap_or(u32::MAX),
     });
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let spin = settings.spin;
     let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats);
     scheduler.replenish();
     let mut ready = Some(ready);
     let startup_deadline = tokio::time::sleep(startup_timeout);
     tokio::pin!(startup_deadline);
     let mut commands_open = true;
+    let mut last_activity = tokio::time::Instant::now();
 
     loop {
         // State changes can come from the loop's own actions (a failed spawn, a dispatch), so
@@ -125,10 +128,19 @@ async fn run(
         if scheduler.finished() {
             break;
         }
+        // Low-latency mode: for a while after the last message, yield to the runtime (which
+        // then polls the sockets without blocking) instead of parking in epoll.
+        let spinning = !spin.is_zero() && last_activity.elapsed() < spin;
         tokio::select! {
-            Some(event) = events.recv() => scheduler.on_event(event),
+            Some(event) = events.recv() => {
+                last_activity = tokio::time::Instant::now();
+                scheduler.on_event(event);
+            }
             command = commands.recv(), if commands_open => match command {
-                Some(command) => scheduler.on_command(command),
+                Some(command) => {
+                    last_activity = tokio::time::Instant::now();
+                    scheduler.on_command(command);
+                }
                 // Every handle to the pool is gone: shut down gracefully.
                 None => {
                     commands_open = false;
@@ -150,6 +162,7 @@ async fn run(
                 scheduler.kill_all();
                 break;
             }
+            () = tokio::task::yield_now(), if spinning => {}
         }
         // Drain what else is waiting before dispatching, so a burst of submissions becomes
         // one write per worker.

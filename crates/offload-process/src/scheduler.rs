@@ -72,6 +72,8 @@ pub(crate) struct Settings {
     pub(crate) max_requests_per_worker: Option<u64>,
     pub(crate) initializer: Option<Initializer>,
     pub(crate) memory_limit: Option<u64>,
+    /// Low-latency mode: how long the I/O thread and the workers poll before they park.
+    pub(crate) spin: Duration,
 }
 
 /// Why the scheduler killed a worker on purpose.

@@ -706,6 +706,68 @@ fn public_types_are_send_and_sync() {
 
 // ---------------------------------------------------------------- controls (issue 4)
 
+/// CPU time (utime + stime, in clock ticks) of `/proc/<path>/stat`.
+fn cpu_ticks(stat_path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(stat_path) else {
+        return 0;
+    };
+    // The command name, in parentheses, may hold spaces: count fields after it.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the whole line; the 12th and 13th after the name.
+    fields
+        .get(11)
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+/// CPU ticks of `worker` plus those of this process's pool I/O threads.
+fn pool_cpu_ticks(worker: u32) -> u64 {
+    let mut ticks = cpu_ticks(&format!("/proc/{worker}/stat"));
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "offload-io" {
+            ticks += cpu_ticks(&task.path().join("stat").to_string_lossy());
+        }
+    }
+    ticks
+}
+
+fn the_low_latency_mode_serves_cancels_and_goes_quiet_when_idle() {
+    let before = children();
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .spin(Duration::from_micros(200))
+        .build()
+        .unwrap();
+    for x in 0..500 {
+        assert_eq!(wait(pool.submit(Square(x))), Ok(x * x));
+    }
+    let worker = *children().difference(&before).next().unwrap();
+    // A running task still hears its cancel, and stops on its own.
+    let handle = pool.submit(SpinUntilCancelled());
+    eventually("the task runs", || pool.stats().running == 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(handle.cancel());
+    assert!(wait(handle).unwrap_err().is_cancelled());
+    assert_eq!(wait(pool.submit(Pid())), Ok(worker));
+    assert_eq!(pool.stats().crashed, 0);
+    // Idle, nobody keeps spinning: a spinning thread would show ~100 ticks a second.
+    std::thread::sleep(Duration::from_millis(100));
+    let start = pool_cpu_ticks(worker);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = pool_cpu_ticks(worker) - start;
+    assert!(
+        used <= 10,
+        "an idle pool in low-latency mode used {used} clock ticks of CPU in 1 s"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn cancelling_a_running_task_reaches_it_cooperatively() {
     let pool = pool(1);
     let before = wait(pool.submit(Pid())).unwrap();
@@ -1398,6 +1460,7 @@ fn main() {
         recycling_every_three_tasks_loses_and_repeats_nothing,
         the_initializer_runs_in_every_worker_before_its_first_task,
         thread_locals_an_initializer_sets_are_seen_by_every_task,
+        the_low_latency_mode_serves_cancels_and_goes_quiet_when_idle,
         a_failing_initializer_fails_build_and_later_breaks_the_pool_without_a_crash_loop,
         a_task_over_the_memory_limit_fails_naming_the_limit,
         retries_rerun_a_crashed_task_and_say_how_many_attempts_were_made,
