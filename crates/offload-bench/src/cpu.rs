@@ -43,7 +43,7 @@ const WORKERS: usize = 2;
 
 /// Runs the CPU group.
 pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
-    if !settings.wants(&["cpu.speedup.thread"]) {
+    if !settings.wants(&["cpu.speedup.thread", "cpu.speedup.process"]) {
         return Ok(Vec::new());
     }
     let (target, runs) = if settings.quick {
@@ -58,14 +58,20 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         .workers(WORKERS)
         .build()
         .context("could not build the offload pool")?;
+    let processes = offload::ProcessPool::builder()
+        .workers(WORKERS)
+        .build()
+        .context("could not build the offload process pool")?;
 
     let len = calibrate(target);
     let hi = LO + len;
     let expected = count_primes(LO, hi);
 
     let mut speedups = Vec::new();
+    let mut process_speedups = Vec::new();
     let mut serial_s = Vec::new();
     let mut pool_s = Vec::new();
+    let mut process_s = Vec::new();
     for run in 0..runs {
         eprintln!("[cpu] run {}/{runs}", run + 1);
         let start = Instant::now();
@@ -92,11 +98,31 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             "pool count differs from serial"
         );
 
+        let start = Instant::now();
+        let counts = rt.block_on(async {
+            let handles: Vec<_> = (0..TASKS)
+                .map(|_| processes.submit(CountPrimes { lo: LO, hi }))
+                .collect();
+            let mut counts = Vec::with_capacity(TASKS);
+            for handle in handles {
+                counts.push(handle.await?);
+            }
+            Ok::<_, TaskError>(counts)
+        })?;
+        let in_processes = start.elapsed().as_secs_f64();
+        ensure!(
+            counts.iter().all(|&c| c == expected),
+            "process pool count differs from serial"
+        );
+
         serial_s.push(serial);
         pool_s.push(parallel);
+        process_s.push(in_processes);
         speedups.push(serial / parallel);
+        process_speedups.push(serial / in_processes);
     }
     pool.join();
+    processes.join();
 
     let per_task = stats::median(&serial_s) / TASKS as f64;
     let note = format!(
@@ -105,13 +131,15 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         stats::median(&serial_s),
         stats::median(&pool_s),
     );
-    Ok(vec![Row::new(
-        "cpu.speedup.thread",
-        "x",
-        Better::Higher,
-        speedups,
-    )
-    .with_note(note)])
+    let process_note = format!(
+        "the same tasks on ProcessPool::builder().workers({WORKERS}) (warm): {:.2} s (median)",
+        stats::median(&process_s),
+    );
+    Ok(vec![
+        Row::new("cpu.speedup.thread", "x", Better::Higher, speedups).with_note(note),
+        Row::new("cpu.speedup.process", "x", Better::Higher, process_speedups)
+            .with_note(process_note),
+    ])
 }
 
 /// The length of a range above [`LO`] whose primes take about `target` to count here.

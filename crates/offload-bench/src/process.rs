@@ -155,6 +155,12 @@ pub(crate) const GOALS: &[Goal] = &[
         target: Target::AtMost(20.0),
     },
     Goal {
+        what: "startup of 2 workers: offload / raw spawn of 2 children",
+        row: "process.startup_ms.offload",
+        against: Some("process.startup_ms.raw_spawn"),
+        target: Target::AtMost(1.5),
+    },
+    Goal {
         what: "8 MiB argument round trip: offload / raw Unix socket",
         row: "process.payload_8mib_mb_per_s.offload",
         against: Some("process.payload_8mib_mb_per_s.raw_uds"),
@@ -192,7 +198,10 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         .iter()
         .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds", "offload_spin"]))
         .collect();
-    let startup_ids = ids("startup_ms", &["offload", "python_ppe", "python_ppe_spawn"]);
+    let startup_ids = ids(
+        "startup_ms",
+        &["offload", "python_ppe", "python_ppe_spawn", "raw_spawn"],
+    );
     let payload_ids = ids(
         "payload_8mib_mb_per_s",
         &["offload", "python_ppe", "raw_uds"],
@@ -636,7 +645,38 @@ impl Bench {
         Ok(elapsed)
     }
 
-    /// `process.startup_ms.{offload,python_ppe,python_ppe_spawn}`.
+    /// Two raw echo children spawned at once, to their connection and one echo each;
+    /// milliseconds. Stopping them is not timed.
+    fn raw_spawn_sample() -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let echoes = std::thread::scope(|scope| {
+            let starting: Vec<_> = (0..WORKERS)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut echo = RawEcho::start()?;
+                        echo.set_message(RAW_MESSAGE);
+                        echo.roundtrip()?;
+                        Ok::<_, anyhow::Error>(echo)
+                    })
+                })
+                .collect();
+            starting
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a spawning thread panicked")))
+                })
+                .collect::<anyhow::Result<Vec<RawEcho>>>()
+        })?;
+        let elapsed = start.elapsed().as_secs_f64() * 1e3;
+        for echo in &echoes {
+            echo.check()?;
+        }
+        drop(echoes);
+        Ok(elapsed)
+    }
+
+    /// `process.startup_ms.{offload,python_ppe,python_ppe_spawn,raw_spawn}`.
     fn startups(&mut self) -> anyhow::Result<Vec<Row>> {
         let runs = self.sizes.startup_runs;
         // The first start pages the programs in; every later one finds them cached.
@@ -648,11 +688,14 @@ impl Bench {
                 python.call(&json!({ "cmd": "startup", "method": method }))?;
             }
         }
+        Self::raw_spawn_sample()?;
         let mut ours = Vec::new();
+        let mut raw = Vec::new();
         let mut theirs = vec![Vec::new(); python_methods.len()];
         for run in 0..runs {
             eprintln!("[process] startup, run {}/{runs}", run + 1);
             ours.push(Self::startup_sample()?);
+            raw.push(Self::raw_spawn_sample()?);
             if let Some(python) = &mut self.python {
                 for (i, (method, _)) in python_methods.iter().enumerate() {
                     let reply = python.call(&json!({ "cmd": "startup", "method": method }))?;
@@ -678,6 +721,12 @@ impl Bench {
             "ProcessPool::builder().workers(2).build() (spawns /proc/self/exe twice, waits \
              for both handshakes) + one submit().wait()",
         )];
+        rows.push(
+            Row::new("process.startup_ms.raw_spawn", "ms", Better::Lower, raw).with_note(
+                "this binary spawned twice at once, each child connecting to a Unix socket \
+                 of the parent, + one 16-byte echo from each: the floor of starting workers",
+            ),
+        );
         if self.python.is_some() {
             for (((_, system), samples), method) in
                 python_methods.iter().zip(theirs).zip(used_methods)

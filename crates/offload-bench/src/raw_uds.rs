@@ -136,7 +136,8 @@ impl RawEcho {
             if Instant::now() > deadline {
                 bail!("the raw echo server did not connect within 10 s");
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Short: the startup row times this wait.
+            std::thread::sleep(Duration::from_micros(50));
         }
     }
 
