@@ -1,6 +1,7 @@
 //! The CPU group: real work, where the pool should pay for itself. Eight equal tasks of
 //! calibrated length run one after another on the calling thread, then on a two-worker
-//! `ThreadPool`; the row is serial time / pool time (2.0 is perfect on two workers).
+//! `ThreadPool` and a two-worker `ProcessPool`; each row is serial time / pool time (2.0 is
+//! perfect on two workers).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -81,39 +82,8 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         }
         let serial = start.elapsed().as_secs_f64();
 
-        let start = Instant::now();
-        let counts = rt.block_on(async {
-            let handles: Vec<_> = (0..TASKS)
-                .map(|_| pool.submit(CountPrimes { lo: LO, hi }))
-                .collect();
-            let mut counts = Vec::with_capacity(TASKS);
-            for handle in handles {
-                counts.push(handle.await?);
-            }
-            Ok::<_, TaskError>(counts)
-        })?;
-        let parallel = start.elapsed().as_secs_f64();
-        ensure!(
-            counts.iter().all(|&c| c == expected),
-            "pool count differs from serial"
-        );
-
-        let start = Instant::now();
-        let counts = rt.block_on(async {
-            let handles: Vec<_> = (0..TASKS)
-                .map(|_| processes.submit(CountPrimes { lo: LO, hi }))
-                .collect();
-            let mut counts = Vec::with_capacity(TASKS);
-            for handle in handles {
-                counts.push(handle.await?);
-            }
-            Ok::<_, TaskError>(counts)
-        })?;
-        let in_processes = start.elapsed().as_secs_f64();
-        ensure!(
-            counts.iter().all(|&c| c == expected),
-            "process pool count differs from serial"
-        );
+        let parallel = timed_on(&rt, &pool, hi, expected)?;
+        let in_processes = timed_on(&rt, &processes, hi, expected)?;
 
         serial_s.push(serial);
         pool_s.push(parallel);
@@ -140,6 +110,33 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         Row::new("cpu.speedup.process", "x", Better::Higher, process_speedups)
             .with_note(process_note),
     ])
+}
+
+/// Seconds `pool` takes to run the [`TASKS`] tasks, all submitted at once; checks every
+/// count against the serial one.
+fn timed_on(
+    rt: &tokio::runtime::Runtime,
+    pool: &impl Executor,
+    hi: u64,
+    expected: u64,
+) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let counts = rt.block_on(async {
+        let handles: Vec<_> = (0..TASKS)
+            .map(|_| pool.submit(CountPrimes { lo: LO, hi }))
+            .collect();
+        let mut counts = Vec::with_capacity(TASKS);
+        for handle in handles {
+            counts.push(handle.await?);
+        }
+        Ok::<_, TaskError>(counts)
+    })?;
+    let elapsed = start.elapsed().as_secs_f64();
+    ensure!(
+        counts.iter().all(|&c| c == expected),
+        "a pool's count differs from the serial one"
+    );
+    Ok(elapsed)
 }
 
 /// The length of a range above [`LO`] whose primes take about `target` to count here.
