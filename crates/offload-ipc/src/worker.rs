@@ -205,20 +205,8 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     // The runner thread is named so that a panic message reads "thread 'offload-task'
     // panicked" and not like the user's own `main`. It gets a main thread's stack, so deep
     // recursion behaves as it would in the caller.
-    let runner = std::thread::Builder::new()
-        .name("offload-task".into())
-        .stack_size(TASK_STACK)
-        .spawn(move || inbox.run())
-        .map_err(|e| {
-            WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
-        })?;
-    std::thread::Builder::new()
-        .name("offload-watch".into())
-        .stack_size(WATCHER_STACK)
-        .spawn(move || inbox.watch())
-        .map_err(|e| {
-            WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}"))
-        })?;
+    let runner = start_thread("offload-task", TASK_STACK, move || inbox.run())?;
+    start_thread("offload-watch", WATCHER_STACK, move || inbox.watch())?;
     // The limit is relative to what the worker uses with its threads in place, and set
     // before they take their first request.
     if let Some(limit) = memory_limit {
@@ -232,6 +220,18 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
         exit_code::PROTOCOL,
         "the task thread ended unexpectedly",
     ))
+}
+
+fn start_thread(
+    name: &str,
+    stack: usize,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, WorkerExit> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack)
+        .spawn(body)
+        .map_err(|e| WorkerExit::new(exit_code::NO_PARENT, format!("cannot start a thread: {e}")))
 }
 
 /// Stack of the thread that runs tasks: what a main thread gets on Linux.
@@ -405,11 +405,14 @@ impl Inbox {
     fn watch(&self) {
         let mut state = lock(&self.state);
         loop {
-            while !(state.open && state.running.is_some() && state.reader.is_some()) {
+            // Wait for a running task whose reader is free to take.
+            let mut reader = loop {
+                if state.open && state.running.is_some() {
+                    if let Some(reader) = state.reader.take() {
+                        break reader;
+                    }
+                }
                 state = wait(&self.watcher, state);
-            }
-            let Some(mut reader) = state.reader.take() else {
-                continue;
             };
             drop(state);
             loop {
@@ -597,14 +600,20 @@ impl Reader {
             message: None,
         })?;
         let mut messages = vec![first];
-        // The rest of what that read brought in; no further read.
-        loop {
-            match self.decoder.next_message::<ToWorker>() {
-                Ok(Some(message)) => messages.push(message),
-                Ok(None) => return Ok(messages),
-                Err(e) => return Err(protocol_error(&e)),
-            }
+        self.decoded(&mut messages)?;
+        Ok(messages)
+    }
+
+    /// Appends every whole message the decoder holds; reads nothing.
+    fn decoded(&mut self, messages: &mut Vec<ToWorker>) -> Result<(), WorkerExit> {
+        while let Some(message) = self
+            .decoder
+            .next_message::<ToWorker>()
+            .map_err(|e| protocol_error(&e))?
+        {
+            messages.push(message);
         }
+        Ok(())
     }
 
     /// Like `read_some`, but first polls the socket without blocking for up to `spin`, so a
@@ -618,13 +627,7 @@ impl Reader {
                     Some(n) => {
                         self.decoder.filled(n);
                         let mut messages = Vec::new();
-                        loop {
-                            match self.decoder.next_message::<ToWorker>() {
-                                Ok(Some(message)) => messages.push(message),
-                                Ok(None) => break,
-                                Err(e) => return Err(protocol_error(&e)),
-                            }
-                        }
+                        self.decoded(&mut messages)?;
                         if !messages.is_empty() {
                             return Ok(messages);
                         }
