@@ -31,6 +31,17 @@ pub fn enter(flag: CancelFlag) -> EnterGuard {
     crate::cancel::enter(flag)
 }
 
+/// Like [`enter`], and `poll` runs on this thread each time the task checks
+/// [`is_cancelled`](crate::is_cancelled), just before the flag is read.
+///
+/// For backends whose cancel requests arrive where the task runs (a worker process reads them
+/// from its connection): the hook can look for one without a second thread, and raise the
+/// flag. It is called often, so it must be cheap when there is nothing new, and it must not
+/// call `is_cancelled` itself.
+pub fn enter_polled(flag: CancelFlag, poll: fn()) -> EnterGuard {
+    crate::cancel::enter_polled(flag, poll)
+}
+
 /// The backend's end of a submitted task: starts and completes it.
 pub struct Completer<T> {
     /// `None` once completed; the `Option` lets `complete` consume without running `Drop`'s

@@ -57,8 +57,14 @@ impl std::fmt::Debug for CancelFlag {
     }
 }
 
+/// The running task's flag, and what to call before reading it (see [`enter_polled`]).
+struct Current {
+    flag: CancelFlag,
+    poll: Option<fn()>,
+}
+
 thread_local! {
-    static CURRENT: RefCell<Option<CancelFlag>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
 }
 
 /// True when the task running on this thread has been cancelled.
@@ -82,12 +88,28 @@ thread_local! {
 /// assert_eq!(sum_slowly(10), Some(45));
 /// ```
 pub fn is_cancelled() -> bool {
-    CURRENT.with(|c| c.borrow().as_ref().is_some_and(CancelFlag::is_raised))
+    // The hook runs with no borrow held: it may raise the flag read below.
+    if let Some(poll) = CURRENT.with(|c| c.borrow().as_ref().and_then(|c| c.poll)) {
+        poll();
+    }
+    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|c| c.flag.is_raised()))
 }
 
 /// Makes `flag` the current task's flag until the guard drops.
 pub(crate) fn enter(flag: CancelFlag) -> EnterGuard {
-    let previous = CURRENT.with(|c| c.replace(Some(flag)));
+    enter_current(Current { flag, poll: None })
+}
+
+/// Like [`enter`], and `poll` runs on this thread before each [`is_cancelled`] reads the flag.
+pub(crate) fn enter_polled(flag: CancelFlag, poll: fn()) -> EnterGuard {
+    enter_current(Current {
+        flag,
+        poll: Some(poll),
+    })
+}
+
+fn enter_current(current: Current) -> EnterGuard {
+    let previous = CURRENT.with(|c| c.replace(Some(current)));
     EnterGuard { previous }
 }
 
@@ -95,13 +117,22 @@ pub(crate) fn enter(flag: CancelFlag) -> EnterGuard {
 #[must_use = "the flag is current only while the guard lives"]
 #[derive(Debug)]
 pub struct EnterGuard {
-    previous: Option<CancelFlag>,
+    previous: Option<Current>,
 }
 
 impl Drop for EnterGuard {
     fn drop(&mut self) {
         let previous = self.previous.take();
         CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current")
+            .field("flag", &self.flag)
+            .field("polled", &self.poll.is_some())
+            .finish()
     }
 }
 
@@ -123,5 +154,40 @@ mod tests {
         assert!(!is_cancelled());
         outer.raise();
         assert!(is_cancelled());
+    }
+
+    thread_local! {
+        static POLLED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        static TO_RAISE: RefCell<Option<CancelFlag>> = const { RefCell::new(None) };
+    }
+
+    /// Counts its calls and raises the flag left for it, as a backend's hook would on
+    /// reading a cancel request.
+    fn poll_hook() {
+        POLLED.with(|p| p.set(p.get() + 1));
+        TO_RAISE.with(|f| {
+            if let Some(flag) = f.borrow_mut().take() {
+                flag.raise();
+            }
+        });
+    }
+
+    #[test]
+    fn a_polled_flag_runs_its_hook_before_each_check_and_sees_what_the_hook_raised() {
+        let flag = CancelFlag::new();
+        {
+            let _guard = enter_polled(flag.clone(), poll_hook);
+            assert!(!is_cancelled());
+            assert_eq!(POLLED.with(std::cell::Cell::get), 1);
+            TO_RAISE.with(|f| *f.borrow_mut() = Some(flag.clone()));
+            assert!(
+                is_cancelled(),
+                "the hook raised the flag before it was read"
+            );
+            assert_eq!(POLLED.with(std::cell::Cell::get), 2);
+        }
+        // Out of the task, the hook is no longer called.
+        assert!(!is_cancelled());
+        assert_eq!(POLLED.with(std::cell::Cell::get), 2);
     }
 }

@@ -166,14 +166,13 @@ impl ProcessPoolBuilder {
         self
     }
 
-    /// Low-latency mode: after each message, the pool's I/O thread and the workers keep
-    /// polling their sockets for up to `spin` before they block, so a short round trip does
-    /// not pay for putting them to sleep and waking them (see `docs/benchmarks.md` for the
-    /// figures). It costs CPU: up to `spin` of busy polling per thread each time one goes
-    /// idle. Off by default; about 100 µs suits services that submit one task at a time and
-    /// care about its latency, on machines with a core to spare. The calling thread is not
-    /// made to spin: on a machine as small as two cores a third busy thread slows every
-    /// round trip down.
+    /// Low-latency mode: after each message, an idle worker keeps polling its socket for up
+    /// to `spin` before it blocks, so a short round trip does not pay for putting it to sleep
+    /// and waking it (see `docs/benchmarks.md` for the figures). It costs CPU: up to `spin` of
+    /// busy polling per worker each time it goes idle. Off by default; about 100 µs suits
+    /// services that submit one task at a time and care about its latency. Only the workers
+    /// spin: on two cores, spinning the pool's I/O thread (or the caller) as well made round
+    /// trips two to three times slower, busy threads taking the CPU from the ones with work.
     pub fn spin(mut self, spin: Duration) -> Self {
         self.spin = spin;
         self
@@ -233,11 +232,13 @@ impl ProcessPoolBuilder {
             spin: self.spin,
         };
         let stats = Arc::new(Mutex::new(crate::stats::Published::default()));
+        let lanes = Arc::new(crate::lane::Lanes::default());
         let (commands, thread) = reactor::start(
             settings,
             self.max_frame,
             self.startup_timeout,
             stats.clone(),
+            lanes.clone(),
         )?;
         tracing::debug!(workers, "process pool started");
         Ok(ProcessPool::new_started(
@@ -247,6 +248,7 @@ impl ProcessPoolBuilder {
             self.max_frame,
             self.defaults,
             stats,
+            lanes,
         ))
     }
 }

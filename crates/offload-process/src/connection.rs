@@ -5,6 +5,7 @@
 //! the connection without an answer.
 
 use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,10 @@ use interprocess::local_socket::tokio::{prelude::*, Stream};
 use offload_ipc::frame::{self, FrameDecoder, FrameError};
 use offload_ipc::handshake::{check_hello, HandshakeError};
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::lane::Lane;
+use crate::socket::Socket;
 
 /// The largest first frame accepted from an unauthenticated peer.
 const HELLO_MAX: usize = 4096;
@@ -26,10 +29,12 @@ const WRITE_BATCH: usize = 1 << 20;
 
 /// What connections and child processes tell the scheduler.
 pub(crate) enum Event {
-    /// A worker passed the handshake; send it work through `writer`.
+    /// A worker passed the handshake; send it work through `writer` (counting each message
+    /// in `lane.unwritten`), or let callers write to it through `lane`.
     Connected {
         pid: u32,
         writer: UnboundedSender<ToWorker>,
+        lane: Arc<Lane>,
     },
     /// One of our workers failed the handshake (e.g. another build of offload).
     Refused {
@@ -82,13 +87,19 @@ pub(crate) struct Accept {
 
 /// Serves one accepted connection until it ends.
 pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: UnboundedSender<Event>) {
-    let stream = Arc::new(stream);
     // The kernel's word on who connected, which a peer cannot forge (unlike its Hello).
     let peer_pid = stream
         .peer_creds()
         .ok()
         .and_then(|c| c.pid())
         .and_then(|p| u32::try_from(p).ok());
+    let stream = match Socket::new(stream) {
+        Ok(socket) => Arc::new(socket),
+        Err(e) => {
+            tracing::warn!(peer.pid = ?peer_pid, "could not take a connection to the pool's socket: {e}");
+            return;
+        }
+    };
     let mut reader = Reader {
         stream: stream.clone(),
         decoder: FrameDecoder::new(HELLO_MAX),
@@ -138,11 +149,26 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
         return;
     }
     reader.decoder.set_max(accept.max_frame);
+    let lane = match Lane::new(stream.get_ref()) {
+        Ok(lane) => Arc::new(lane),
+        Err(e) => {
+            tracing::warn!(
+                worker.pid = pid,
+                "closing the connection to worker {pid}: cannot duplicate its socket: {e}"
+            );
+            return;
+        }
+    };
     let (writer, outgoing) = tokio::sync::mpsc::unbounded_channel();
-    if events.send(Event::Connected { pid, writer }).is_err() {
+    let connected = Event::Connected {
+        pid,
+        writer,
+        lane: lane.clone(),
+    };
+    if events.send(connected).is_err() {
         return;
     }
-    tokio::spawn(write_loop(stream, outgoing, accept.max_frame, pid));
+    tokio::spawn(write_loop(stream, outgoing, lane, accept.max_frame, pid));
     loop {
         match reader.next().await {
             Ok(Some(message)) => {
@@ -172,35 +198,41 @@ fn parent_log_level() -> u8 {
         .map_or(0, offload_ipc::level_to_u8)
 }
 
-async fn write_one(stream: &Stream, message: &ToWorker) -> std::io::Result<()> {
+async fn write_one(stream: &Socket, message: &ToWorker) -> std::io::Result<()> {
     let mut buf = Vec::new();
     frame::encode(message, &mut buf, usize::MAX).map_err(std::io::Error::other)?;
-    let mut stream = stream;
     stream.write_all(&buf).await
 }
 
 /// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
-/// socket fails (the reader then reports the disconnect).
+/// socket fails (the reader then reports the disconnect). Each message written in full is
+/// taken off `lane.unwritten`.
 async fn write_loop(
-    stream: Arc<Stream>,
+    stream: Arc<Socket>,
     mut outgoing: UnboundedReceiver<ToWorker>,
+    lane: Arc<Lane>,
     max_frame: usize,
     pid: u32,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    let mut stream = &*stream;
     while let Some(message) = outgoing.recv().await {
         buf.clear();
         encode(&message, &mut buf, max_frame, pid);
+        let mut count = 1;
         while buf.len() < WRITE_BATCH {
             match outgoing.try_recv() {
-                Ok(message) => encode(&message, &mut buf, max_frame, pid),
+                Ok(message) => {
+                    encode(&message, &mut buf, max_frame, pid);
+                    count += 1;
+                }
                 Err(_) => break,
             }
         }
+        lane.wait_for_caller();
         if stream.write_all(&buf).await.is_err() {
             return;
         }
+        lane.unwritten.fetch_sub(count, Ordering::AcqRel);
     }
 }
 
@@ -221,7 +253,7 @@ enum ReadError {
 }
 
 struct Reader {
-    stream: Arc<Stream>,
+    stream: Arc<Socket>,
     decoder: FrameDecoder,
 }
 
@@ -231,8 +263,7 @@ impl Reader {
             if let Some(message) = self.decoder.next_message()? {
                 return Ok(Some(message));
             }
-            let mut stream = &*self.stream;
-            let n = stream.read(self.decoder.read_buf()).await?;
+            let n = self.stream.read(self.decoder.read_buf()).await?;
             if n == 0 {
                 self.decoder.finish()?;
                 return Ok(None);

@@ -40,9 +40,11 @@ mod builder;
 mod connection;
 mod forward;
 mod job;
+mod lane;
 mod pool;
 mod reactor;
 mod scheduler;
+mod socket;
 mod spawner;
 mod stats;
 

@@ -6,9 +6,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
-use offload_ipc::protocol::Blob;
+use offload_ipc::frame;
+use offload_ipc::protocol::{Blob, ToWorker};
 
-use crate::job::{self, Job, TaskOptions};
+use crate::job::{self, Job, Payload, TaskOptions};
+use crate::lane::{Lanes, Sent, DIRECT_MAX};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
 use crate::stats::Published;
@@ -17,6 +19,11 @@ use crate::ProcessPoolBuilder;
 
 /// Bytes a request adds to its payload on the wire (ids, the task name, lengths).
 const REQUEST_OVERHEAD: usize = 1024;
+
+thread_local! {
+    /// Where a caller encodes a request it writes to a worker itself.
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// A pool of worker processes that run [tasks](Task).
 ///
@@ -40,6 +47,8 @@ struct PoolInner {
     max_frame: usize,
     defaults: TaskOptions,
     stats: Arc<Mutex<Published>>,
+    /// Idle workers that callers may write a request to directly.
+    lanes: Arc<Lanes>,
     reactor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -72,6 +81,7 @@ impl ProcessPool {
         max_frame: usize,
         defaults: TaskOptions,
         stats: Arc<Mutex<Published>>,
+        lanes: Arc<Lanes>,
     ) -> Self {
         ProcessPool {
             inner: Arc::new(PoolInner {
@@ -82,6 +92,7 @@ impl ProcessPool {
                 max_frame,
                 defaults,
                 stats,
+                lanes,
                 reactor: Mutex::new(Some(reactor)),
             }),
         }
@@ -100,7 +111,11 @@ impl ProcessPool {
     /// What the pool is doing: queued and running requests, completions, failures, crashes,
     /// restarts and live workers.
     pub fn stats(&self) -> PoolStats {
-        self.published().stats
+        let mut stats = self.published().stats;
+        // Requests callers wrote to idle workers themselves, which the reactor has not taken
+        // over yet.
+        stats.running += self.inner.lanes.pending();
+        stats
     }
 
     fn published(&self) -> std::sync::MutexGuard<'_, Published> {
@@ -137,8 +152,42 @@ impl ProcessPool {
         };
         let id = self.next_id();
         let (job, handle) = job::one(id, T::NAME, input, options, self.canceller(id));
-        self.send(job);
+        match self.send_direct(job, options) {
+            Ok(Sent::Written) => {}
+            Ok(Sent::Broken) => {
+                let _ = self.inner.commands.send(Command::CheckLanes);
+            }
+            Err(job) => self.send(job),
+        }
         Ok(handle)
+    }
+
+    /// Writes a small request straight to an idle worker, when one is free (see `lane`).
+    /// Requests with a timeout go through the reactor, which must start their clock.
+    fn send_direct(&self, job: Job, options: TaskOptions) -> Result<Sent, Job> {
+        if options.timeout.is_some() || !self.inner.lanes.any_open() {
+            return Err(job);
+        }
+        let Payload::One(input) = &job.payload else {
+            return Err(job);
+        };
+        if input.len() + REQUEST_OVERHEAD > DIRECT_MAX {
+            return Err(job);
+        }
+        let message = ToWorker::Run {
+            id: job.id,
+            task: job.name.to_owned(),
+            input: input.clone(),
+        };
+        FRAME.with_borrow_mut(|frame| {
+            frame.clear();
+            if frame::encode(&message, frame, self.inner.max_frame).is_err() {
+                return Err(job);
+            }
+            // Started here: it cannot have been cancelled yet, nobody else has its handle.
+            job.reply.start();
+            self.inner.lanes.send(job, frame)
+        })
     }
 
     /// Shuts the pool down if it is not already (gracefully: queued work still runs), then

@@ -11,6 +11,7 @@ use interprocess::local_socket::{GenericNamespaced, ListenerOptions};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::connection::{self, Accept, Event};
+use crate::lane::Lanes;
 use crate::scheduler::{Command, Scheduler, Settings, Startup};
 use crate::stats::Published;
 use crate::BuildError;
@@ -24,6 +25,7 @@ pub(crate) fn start(
     max_frame: usize,
     startup_timeout: Duration,
     stats: Arc<Mutex<Published>>,
+    lanes: Arc<Lanes>,
 ) -> Result<(Commands, JoinHandle<()>), BuildError> {
     let (commands, incoming) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = std_mpsc::channel();
@@ -47,6 +49,7 @@ pub(crate) fn start(
                 incoming,
                 ready_tx,
                 stats,
+                lanes,
             ));
         })
         .map_err(BuildError::Io)?;
@@ -72,6 +75,7 @@ async fn run(
     mut commands: UnboundedReceiver<Command>,
     ready: std_mpsc::Sender<Result<(), BuildError>>,
     stats: Arc<Mutex<Published>>,
+    lanes: Arc<Lanes>,
 ) {
     let listener = match settings
         .socket
@@ -92,14 +96,12 @@ async fn run(
         spin_us: u32::try_from(settings.spin.as_micros()).unwrap_or(u32::MAX),
     });
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let spin = settings.spin;
-    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats);
+    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, lanes);
     scheduler.replenish();
     let mut ready = Some(ready);
     let startup_deadline = tokio::time::sleep(startup_timeout);
     tokio::pin!(startup_deadline);
     let mut commands_open = true;
-    let mut last_activity = tokio::time::Instant::now();
 
     loop {
         // State changes can come from the loop's own actions (a failed spawn, a dispatch), so
@@ -107,6 +109,8 @@ async fn run(
         // hears that startup is over, so a new pool's `stats()` is already true.
         scheduler.check_startup();
         scheduler.dispatch();
+        // Before the results go out: a caller woken by one may submit at once.
+        scheduler.open_lanes();
         scheduler.flush();
         if ready.is_some() {
             match &scheduler.startup {
@@ -128,18 +132,13 @@ async fn run(
         if scheduler.finished() {
             break;
         }
-        // Low-latency mode: for a while after the last message, yield to the runtime (which
-        // then polls the sockets without blocking) instead of parking in epoll.
-        let spinning = !spin.is_zero() && last_activity.elapsed() < spin;
         tokio::select! {
             Some(event) = events.recv() => {
-                last_activity = tokio::time::Instant::now();
                 scheduler.on_event(event);
             }
             command = commands.recv(), if commands_open => match command {
                 Some(command) => {
-                    last_activity = tokio::time::Instant::now();
-                    scheduler.on_command(command);
+                        scheduler.on_command(command);
                 }
                 // Every handle to the pool is gone: shut down gracefully.
                 None => {
@@ -162,7 +161,6 @@ async fn run(
                 scheduler.kill_all();
                 break;
             }
-            () = tokio::task::yield_now(), if spinning => {}
         }
         // Drain what else is waiting before dispatching, so a burst of submissions becomes
         // one write per worker.

@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::connection::Event;
 use crate::forward;
 use crate::job::{Failure, Initializer, Job, Outcome, Payload, RequestId};
+use crate::lane::{Direct, Lane, Lanes};
 use crate::spawner::{self, Killer};
 use crate::stats::Published;
 use crate::PoolStats;
@@ -52,8 +54,12 @@ const INTERNAL_IDS: RequestId = 1 << 63;
 /// What the pool's handles send to the reactor.
 pub(crate) enum Command {
     Submit(Job),
+    /// A caller's direct write failed: look at the lanes (see `lane`).
+    CheckLanes,
     Cancel(RequestId),
-    Shutdown { now: bool },
+    Shutdown {
+        now: bool,
+    },
 }
 
 pub(crate) struct Settings {
@@ -72,7 +78,7 @@ pub(crate) struct Settings {
     pub(crate) max_requests_per_worker: Option<u64>,
     pub(crate) initializer: Option<Initializer>,
     pub(crate) memory_limit: Option<u64>,
-    /// Low-latency mode: how long the I/O thread and the workers poll before they park.
+    /// Low-latency mode: how long idle workers poll their sockets before they block.
     pub(crate) spin: Duration,
 }
 
@@ -89,6 +95,9 @@ const WORKER_START_FAILURE: [i32; 2] = [70, 71];
 struct Worker {
     /// `None` until the handshake, and again once the connection ended.
     writer: Option<UnboundedSender<ToWorker>>,
+    /// Where callers write requests straight to the worker while it is idle; `None` when
+    /// `writer` is.
+    lane: Option<Arc<Lane>>,
     connected: bool,
     disconnected: bool,
     status: Option<ExitStatus>,
@@ -145,6 +154,8 @@ pub(crate) struct Scheduler {
     /// Jobs settled in this turn of the reactor, resolved by `flush` after the stats that
     /// count them are published: a caller who has a result sees it counted.
     settled: Vec<(Job, Outcome)>,
+    /// The workers' lanes, as the pool's handles see them.
+    lanes: Arc<Lanes>,
     pub(crate) startup: Startup,
 }
 
@@ -153,6 +164,7 @@ impl Scheduler {
         settings: Settings,
         events: UnboundedSender<Event>,
         published: Arc<Mutex<Published>>,
+        lanes: Arc<Lanes>,
     ) -> Self {
         Scheduler {
             settings,
@@ -169,6 +181,7 @@ impl Scheduler {
             stats: PoolStats::default(),
             published,
             settled: Vec::new(),
+            lanes,
             startup: Startup::Starting,
         }
     }
@@ -206,6 +219,7 @@ impl Scheduler {
                         pid,
                         Worker {
                             writer: None,
+                            lane: None,
                             connected: false,
                             disconnected: false,
                             status: None,
@@ -229,6 +243,9 @@ impl Scheduler {
     }
 
     pub(crate) fn on_command(&mut self, command: Command) {
+        // A cancel may be for a request a caller wrote directly; shutting down must know
+        // every request in flight.
+        self.adopt_all();
         match command {
             Command::Submit(job) => {
                 if let Some(reason) = &self.broken {
@@ -241,6 +258,8 @@ impl Scheduler {
                 }
             }
             Command::Cancel(id) => self.cancel(id),
+            // `adopt_all` above did the work.
+            Command::CheckLanes => {}
             Command::Shutdown { now } => {
                 let now = now || self.shutdown == Some(true);
                 self.shutdown = Some(now);
@@ -259,9 +278,7 @@ impl Scheduler {
         let Some(&(pid, _)) = self.in_flight.get(&id) else {
             return;
         };
-        if let Some(writer) = self.workers.get(&pid).and_then(|w| w.writer.as_ref()) {
-            let _ = writer.send(ToWorker::Cancel { id });
-        }
+        self.send_to(pid, ToWorker::Cancel { id });
         self.after(self.settings.cancel_grace, Event::CancelGrace { pid, id });
     }
 
@@ -275,8 +292,11 @@ impl Scheduler {
     }
 
     pub(crate) fn on_event(&mut self, event: Event) {
+        // The answer to a request a caller wrote directly may be in this event, and so may
+        // the end of the worker it was written to.
+        self.adopt_all();
         match event {
-            Event::Connected { pid, writer } => self.on_connected(pid, writer),
+            Event::Connected { pid, writer, lane } => self.on_connected(pid, writer, lane),
             Event::Refused { pid, reason } => {
                 if self.workers.contains_key(&pid) {
                     self.last_start_error = Some(reason);
@@ -286,6 +306,9 @@ impl Scheduler {
             Event::Disconnected { pid } => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
                     worker.writer = None;
+                    if let Some(lane) = worker.lane.take() {
+                        self.lanes.remove(&lane);
+                    }
                     worker.disconnected = true;
                     if worker.status.is_some() {
                         self.finalize(pid);
@@ -326,7 +349,7 @@ impl Scheduler {
         }
     }
 
-    fn on_connected(&mut self, pid: u32, writer: UnboundedSender<ToWorker>) {
+    fn on_connected(&mut self, pid: u32, writer: UnboundedSender<ToWorker>, lane: Arc<Lane>) {
         let Some(worker) = self.workers.get_mut(&pid) else {
             tracing::warn!(
                 worker.pid = pid,
@@ -339,20 +362,23 @@ impl Scheduler {
         }
         worker.connected = true;
         tracing::debug!(worker.pid = pid, "worker connected");
+        worker.writer = Some(writer);
+        self.lanes.add(lane.clone());
+        worker.lane = Some(lane);
         if let Some(init) = &self.settings.initializer {
             let id = self.next_internal_id;
             self.next_internal_id += 1;
-            let _ = writer.send(ToWorker::Run {
+            worker.init = Some(id);
+            let message = ToWorker::Run {
                 id,
                 task: init.name.to_owned(),
                 input: init.input.clone(),
-            });
-            worker.init = Some(id);
+            };
+            self.send_to(pid, message);
         } else {
             self.start_failures = 0;
         }
-        worker.writer = Some(writer);
-        let initializing = worker.init.is_some();
+        let initializing = self.workers.get(&pid).is_some_and(|w| w.init.is_some());
         if !initializing {
             // An extra worker that never gets work must still be able to time out.
             self.note_if_idle(pid);
@@ -587,20 +613,94 @@ impl Scheduler {
     fn retire(&mut self, pid: u32) {
         if let Some(worker) = self.workers.get_mut(&pid) {
             worker.retiring = true;
-            match &worker.writer {
-                Some(writer) => {
-                    let _ = writer.send(ToWorker::Exit);
+            if worker.writer.is_some() {
+                self.send_to(pid, ToWorker::Exit);
+            } else {
+                worker.killer.kill();
+            }
+        }
+    }
+
+    /// Sends a worker a message through the reactor's writer. Its lane is closed first, and
+    /// a request a caller wrote there adopted: that request is ahead of this message on the
+    /// wire.
+    fn send_to(&mut self, pid: u32, message: ToWorker) {
+        self.adopt(pid);
+        let Some(worker) = self.workers.get(&pid) else {
+            return;
+        };
+        if let (Some(writer), Some(lane)) = (&worker.writer, &worker.lane) {
+            lane.unwritten.fetch_add(1, Ordering::AcqRel);
+            if writer.send(message).is_err() {
+                // The connection is dying; its end is on its way.
+                lane.unwritten.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Takes over the request a caller wrote to worker `pid`, if any, and closes its lane.
+    fn adopt(&mut self, pid: u32) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        let Some(lane) = &worker.lane else {
+            return;
+        };
+        if lane.broken.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                worker.pid = pid,
+                "a request to worker {pid} could not be written; replacing the worker"
+            );
+            worker.killer.kill();
+        }
+        let Some(Direct { job, sent }) = self.lanes.close(lane) else {
+            return;
+        };
+        worker.sent.push_back(job.id);
+        worker.served += 1;
+        worker.idle_since = None;
+        if worker.sent.len() == 1 {
+            worker.front_since = Some(tokio::time::Instant::from_std(sent));
+        }
+        self.in_flight.insert(job.id, (pid, job));
+    }
+
+    /// Takes over every request callers wrote to workers, closing their lanes.
+    fn adopt_all(&mut self) {
+        if self.workers.values().all(|w| w.lane.is_none()) {
+            return;
+        }
+        let pids: Vec<u32> = self.workers.keys().copied().collect();
+        for pid in pids {
+            self.adopt(pid);
+        }
+    }
+
+    /// Opens the lanes of idle workers, when nothing waits in the queue: the next caller may
+    /// write its request to one of them directly.
+    pub(crate) fn open_lanes(&mut self) {
+        if !self.queue.is_empty() || self.shutdown.is_some() || self.broken.is_some() {
+            return;
+        }
+        let max = self.settings.max_requests_per_worker;
+        for worker in self.workers.values() {
+            if worker.sent.is_empty() && worker.kill.is_none() && worker.can_take_work(1, max) {
+                if let Some(lane) = &worker.lane {
+                    self.lanes.open(lane);
                 }
-                None => worker.killer.kill(),
             }
         }
     }
 
     /// The worker is gone and everything it wrote has been read: settle its requests.
     fn finalize(&mut self, pid: u32) {
+        self.adopt(pid);
         let Some(worker) = self.workers.remove(&pid) else {
             return;
         };
+        if let Some(lane) = &worker.lane {
+            self.lanes.remove(lane);
+        }
         let status = worker.status.unwrap_or_else(|| {
             use std::os::unix::process::ExitStatusExt;
             ExitStatus::from_raw(0)
@@ -786,16 +886,15 @@ impl Scheduler {
                 },
             };
             let id = job.id;
+            // Closes the lane first, so a request a caller wrote there comes first in `sent`,
+            // as on the wire. A closed writer means the connection is dying: the job stays on
+            // this worker and is settled with its exit, like any job it held.
+            self.send_to(pid, message);
             self.in_flight.insert(id, (pid, job));
             if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.sent.push_back(id);
                 worker.served += 1;
                 worker.idle_since = None;
-                if let Some(writer) = &worker.writer {
-                    // A closed writer means the connection is dying: the job stays on this
-                    // worker and is settled with its exit, like any job it held.
-                    let _ = writer.send(message);
-                }
                 if worker.sent.len() == 1 {
                     self.arm_front(pid);
                 }

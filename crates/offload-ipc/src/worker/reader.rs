@@ -1,0 +1,186 @@
+//! The read side of a worker's connection: frames from the parent, decoded.
+//!
+//! Reads never block in `read(2)`: the reader waits in `poll(2)` for `POLLIN`, then reads with
+//! `MSG_DONTWAIT`. A thread blocked in a Unix socket's `read` is woken each time the parent
+//! reads what this worker wrote (the kernel wakes the socket's waiters for write space, and a
+//! blocked read does not filter by event); one waiting in `poll` is woken for input only. That
+//! is one wake-up less per request.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use interprocess::local_socket::Stream;
+
+use super::{exit_code, WorkerExit};
+use crate::frame::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME};
+use crate::protocol::ToWorker;
+
+/// Reads and decodes frames from the parent.
+pub(super) struct Reader {
+    recv: &'static Stream,
+    pub(super) decoder: FrameDecoder,
+}
+
+/// What one non-blocking read found.
+enum Read1 {
+    Bytes(usize),
+    Nothing,
+    /// The end of the stream, or an error: the parent is gone either way.
+    Closed,
+}
+
+impl Reader {
+    pub(super) fn new(recv: &'static Stream) -> Self {
+        Reader {
+            recv,
+            decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        let Stream::UdSocket(socket) = self.recv;
+        socket.as_fd().as_raw_fd()
+    }
+
+    /// The next message, blocking; `None` at a clean end of stream. For the handshake, before
+    /// the worker's threads start.
+    pub(super) fn next(&mut self) -> Result<Option<ToWorker>, WorkerExit> {
+        loop {
+            if let Some(message) = self
+                .decoder
+                .next_message()
+                .map_err(|e| protocol_error(&e))?
+            {
+                return Ok(Some(message));
+            }
+            let n = match self.recv.read(self.decoder.read_buf()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // A reset is how a dead parent looks from here: as final as an EOF.
+                Err(_) => 0,
+            };
+            if n == 0 {
+                return self.finish().map(|()| None);
+            }
+            self.decoder.filled(n);
+        }
+    }
+
+    /// The messages of one read (at least one), waiting for them if need be. With a `spin`,
+    /// polls without sleeping for that long first (the low-latency mode), so a request that
+    /// arrives soon is read without putting the thread to sleep. The end of the stream is an
+    /// error with exit code `DONE`: the parent is gone.
+    pub(super) fn read_some(&mut self, spin: Duration) -> Result<Vec<ToWorker>, WorkerExit> {
+        let mut spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
+        let mut turns = 0u32;
+        loop {
+            let messages = self.read_available()?;
+            if !messages.is_empty() {
+                return Ok(messages);
+            }
+            match spin_until {
+                Some(end) => {
+                    turns = turns.wrapping_add(1);
+                    if turns % 16 == 0 {
+                        if Instant::now() >= end {
+                            spin_until = None;
+                        } else {
+                            // Lets the pool's threads run when every CPU is busy.
+                            std::thread::yield_now();
+                        }
+                    }
+                    std::hint::spin_loop();
+                }
+                None => self.wait_readable(),
+            }
+        }
+    }
+
+    /// Every whole message that can be had without blocking: those already buffered, else
+    /// those of one non-blocking read (maybe none).
+    pub(super) fn read_available(&mut self) -> Result<Vec<ToWorker>, WorkerExit> {
+        let mut messages = Vec::new();
+        self.decoded(&mut messages)?;
+        if !messages.is_empty() {
+            return Ok(messages);
+        }
+        match self.try_read() {
+            Read1::Bytes(n) => {
+                self.decoder.filled(n);
+                self.decoded(&mut messages)?;
+                Ok(messages)
+            }
+            Read1::Nothing => Ok(messages),
+            Read1::Closed => self.finish().and(Err(WorkerExit {
+                code: exit_code::DONE,
+                message: None,
+            })),
+        }
+    }
+
+    /// Appends every whole message the decoder holds; reads nothing.
+    fn decoded(&mut self, messages: &mut Vec<ToWorker>) -> Result<(), WorkerExit> {
+        while let Some(message) = self
+            .decoder
+            .next_message::<ToWorker>()
+            .map_err(|e| protocol_error(&e))?
+        {
+            messages.push(message);
+        }
+        Ok(())
+    }
+
+    /// At the end of the stream: a frame cut short is a protocol error.
+    fn finish(&mut self) -> Result<(), WorkerExit> {
+        self.decoder.finish().map_err(|e| protocol_error(&e))
+    }
+
+    /// One read that does not block.
+    fn try_read(&mut self) -> Read1 {
+        let fd = self.fd();
+        let buf = self.decoder.read_buf();
+        loop {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`, a live, exclusively
+            // borrowed slice; MSG_DONTWAIT makes this one call non-blocking without changing
+            // the descriptor's flags.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if let Ok(n) = usize::try_from(n) {
+                return if n == 0 {
+                    Read1::Closed
+                } else {
+                    Read1::Bytes(n)
+                };
+            }
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => return Read1::Nothing,
+                // A reset is how a dead parent looks from here: as final as an EOF.
+                _ => return Read1::Closed,
+            }
+        }
+    }
+
+    /// Waits until the connection has something to read (or has ended, or failed: the read
+    /// that follows finds out which).
+    fn wait_readable(&self) {
+        let mut fds = [libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        loop {
+            // SAFETY: `fds` is a live array of one pollfd struct, and its length is passed.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+            if rc >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                return;
+            }
+        }
+    }
+}
+
+fn protocol_error(e: &FrameError) -> WorkerExit {
+    WorkerExit::new(exit_code::PROTOCOL, format!("bad frame from the pool: {e}"))
+}
