@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use offload_core::backend::Completer;
 use offload_core::{TaskError, TaskHandle};
-use offload_ipc::protocol::{Blob, Blobs, WireError};
+use offload_ipc::protocol::{Blob, Blobs, ToWorker, WireError};
 use serde::de::DeserializeOwned;
 
 /// Identifies a request on the wire; unique within a pool.
@@ -106,6 +106,22 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    /// The request that runs this job on a worker.
+    pub(crate) fn request(&self) -> ToWorker {
+        match &self.payload {
+            Payload::One(input) => ToWorker::Run {
+                id: self.id,
+                task: self.name.to_owned(),
+                input: input.clone(),
+            },
+            Payload::Batch(inputs) => ToWorker::RunBatch {
+                id: self.id,
+                task: self.name.to_owned(),
+                inputs: inputs.clone(),
+            },
+        }
+    }
+
     pub(crate) fn finish(self, outcome: Outcome) {
         self.reply.finish(outcome, self.attempts);
     }

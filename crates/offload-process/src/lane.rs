@@ -45,31 +45,7 @@ impl Lanes {
     /// Writes `frame`, the request of `job`, to an idle worker, and leaves the job in its
     /// lane. Gives the job back when no lane is open.
     pub(crate) fn send(&self, job: Job, frame: &[u8]) -> Result<Sent, Job> {
-        let lane = {
-            let lanes = lock(&self.lanes);
-            let count = lanes.len();
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
-            let mut job = Some(job);
-            let mut taken = None;
-            for i in 0..count {
-                let at = (start + i) % count;
-                let lane = &lanes[at];
-                if let Some(j) = job.take() {
-                    match lane.take(j, &self.open) {
-                        Ok(()) => {
-                            taken = Some(lane.clone());
-                            break;
-                        }
-                        Err(back) => job = Some(back),
-                    }
-                }
-            }
-            match (taken, job) {
-                (Some(lane), _) => lane,
-                (None, Some(job)) => return Err(job),
-                (None, None) => unreachable!("a job is either taken by a lane or given back"),
-            }
-        };
+        let lane = self.claim(job)?;
         let written = write_all(&lane.fd, frame);
         lane.writing.store(false, Ordering::Release);
         if matches!(written, Written::All) {
@@ -80,6 +56,22 @@ impl Lanes {
             lane.broken.store(true, Ordering::Release);
             Ok(Sent::Broken)
         }
+    }
+
+    /// Leaves `job` in the first open lane, starting after the last one tried, and returns
+    /// that lane (its write is marked under way). Gives the job back when none is open.
+    fn claim(&self, mut job: Job) -> Result<Arc<Lane>, Job> {
+        let lanes = lock(&self.lanes);
+        let count = lanes.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..count {
+            let lane = &lanes[(start + i) % count];
+            match lane.take(job, &self.open) {
+                Ok(()) => return Ok(lane.clone()),
+                Err(back) => job = back,
+            }
+        }
+        Err(job)
     }
 
     /// Requests in lanes that the scheduler has not adopted yet.

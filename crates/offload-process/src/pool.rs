@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 use offload_ipc::frame;
-use offload_ipc::protocol::{Blob, ToWorker};
+use offload_ipc::protocol::Blob;
 
 use crate::job::{self, Job, Payload, TaskOptions};
 use crate::lane::{Lanes, Sent, DIRECT_MAX};
@@ -174,11 +174,7 @@ impl ProcessPool {
         if input.len() + REQUEST_OVERHEAD > DIRECT_MAX {
             return Err(job);
         }
-        let message = ToWorker::Run {
-            id: job.id,
-            task: job.name.to_owned(),
-            input: input.clone(),
-        };
+        let message = job.request();
         FRAME.with_borrow_mut(|frame| {
             frame.clear();
             if frame::encode(&message, frame, self.inner.max_frame).is_err() {

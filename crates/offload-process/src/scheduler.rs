@@ -26,7 +26,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::connection::Event;
 use crate::forward;
-use crate::job::{Failure, Initializer, Job, Outcome, Payload, RequestId};
+use crate::job::{Failure, Initializer, Job, Outcome, RequestId};
 use crate::lane::{Direct, Lane, Lanes};
 use crate::spawner::{self, Killer};
 use crate::stats::Published;
@@ -640,39 +640,16 @@ impl Scheduler {
 
     /// Takes over the request a caller wrote to worker `pid`, if any, and closes its lane.
     fn adopt(&mut self, pid: u32) {
-        let Some(worker) = self.workers.get_mut(&pid) else {
-            return;
-        };
-        let Some(lane) = &worker.lane else {
-            return;
-        };
-        if lane.broken.swap(false, Ordering::AcqRel) {
-            tracing::warn!(
-                worker.pid = pid,
-                "a request to worker {pid} could not be written; replacing the worker"
-            );
-            worker.killer.kill();
+        if let Some(worker) = self.workers.get_mut(&pid) {
+            adopt_into(pid, worker, &self.lanes, &mut self.in_flight);
         }
-        let Some(Direct { job, sent }) = self.lanes.close(lane) else {
-            return;
-        };
-        worker.sent.push_back(job.id);
-        worker.served += 1;
-        worker.idle_since = None;
-        if worker.sent.len() == 1 {
-            worker.front_since = Some(tokio::time::Instant::from_std(sent));
-        }
-        self.in_flight.insert(job.id, (pid, job));
     }
 
-    /// Takes over every request callers wrote to workers, closing their lanes.
+    /// Takes over every request callers wrote to workers, closing their lanes. Runs before
+    /// every event and command, so it allocates nothing.
     fn adopt_all(&mut self) {
-        if self.workers.values().all(|w| w.lane.is_none()) {
-            return;
-        }
-        let pids: Vec<u32> = self.workers.keys().copied().collect();
-        for pid in pids {
-            self.adopt(pid);
+        for (&pid, worker) in &mut self.workers {
+            adopt_into(pid, worker, &self.lanes, &mut self.in_flight);
         }
     }
 
@@ -873,18 +850,7 @@ impl Scheduler {
             if !job.reply.start() {
                 continue; // cancelled while queued; its handle is already resolved
             }
-            let message = match &job.payload {
-                Payload::One(input) => ToWorker::Run {
-                    id: job.id,
-                    task: job.name.to_owned(),
-                    input: input.clone(),
-                },
-                Payload::Batch(inputs) => ToWorker::RunBatch {
-                    id: job.id,
-                    task: job.name.to_owned(),
-                    inputs: inputs.clone(),
-                },
-            };
+            let message = job.request();
             let id = job.id;
             // Closes the lane first, so a request a caller wrote there comes first in `sent`,
             // as on the wire. A closed writer means the connection is dying: the job stays on
@@ -973,6 +939,36 @@ impl Scheduler {
             job.finish(outcome);
         }
     }
+}
+
+/// Closes `worker`'s lane and moves the request a caller left there, if any, to the worker's
+/// `sent` list and `in_flight`. A lane a caller could not write to replaces the worker.
+fn adopt_into(
+    pid: u32,
+    worker: &mut Worker,
+    lanes: &Lanes,
+    in_flight: &mut HashMap<RequestId, (u32, Job)>,
+) {
+    let Some(lane) = &worker.lane else {
+        return;
+    };
+    if lane.broken.swap(false, Ordering::AcqRel) {
+        tracing::warn!(
+            worker.pid = pid,
+            "a request to worker {pid} could not be written; replacing the worker"
+        );
+        worker.killer.kill();
+    }
+    let Some(Direct { job, sent }) = lanes.close(lane) else {
+        return;
+    };
+    worker.sent.push_back(job.id);
+    worker.served += 1;
+    worker.idle_since = None;
+    if worker.sent.len() == 1 {
+        worker.front_since = Some(tokio::time::Instant::from_std(sent));
+    }
+    in_flight.insert(job.id, (pid, job));
 }
 
 impl std::fmt::Debug for Worker {

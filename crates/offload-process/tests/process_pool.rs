@@ -1106,8 +1106,8 @@ fn work_put_back_after_the_pool_broke_still_resolves() {
 }
 
 fn a_small_memory_limit_leaves_the_worker_itself_enough() {
-    // The limit is what tasks may use on top of the worker's own memory (its thread stacks
-    // alone are 10 MiB), so even 4 MiB neither fails the worker nor crash-loops.
+    // The limit is what tasks may use on top of the worker's own memory (its task thread's
+    // stack alone is 8 MiB), so even 4 MiB neither fails the worker nor crash-loops.
     let pool = ProcessPool::builder()
         .workers(1)
         .memory_limit(4 << 20)
