@@ -13,6 +13,7 @@ use crate::handle::{Shared, Status};
 use crate::{CancelFlag, TaskError, TaskHandle};
 
 pub use crate::cancel::EnterGuard;
+pub use crate::packed::{encode_into, pack, pack_failures, unpack_results, WireError};
 pub use crate::unwind::{catch_task_panic, panic_message};
 
 /// Creates a queued task's handle and its completer. `name` is the task's name, for errors.

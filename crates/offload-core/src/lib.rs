@@ -42,6 +42,7 @@ mod error;
 mod executor;
 mod handle;
 mod map;
+mod packed;
 mod registry;
 mod task;
 mod unwind;

@@ -14,6 +14,7 @@ use crate::{catch_task_panic, Task, TaskError};
 pub struct TaskEntry {
     name: &'static str,
     invoke: fn(&[u8]) -> Result<Vec<u8>, TaskError>,
+    run_packed: fn(&[u8], usize, &mut Vec<u8>) -> usize,
 }
 
 inventory::collect!(TaskEntry);
@@ -25,6 +26,7 @@ impl TaskEntry {
         TaskEntry {
             name: T::NAME,
             invoke: invoke::<T>,
+            run_packed: crate::packed::run_packed::<T>,
         }
     }
 
@@ -41,6 +43,16 @@ impl TaskEntry {
     /// does not encode; [`TaskError::Panicked`] when the task panics.
     pub fn invoke(&self, input: &[u8]) -> Result<Vec<u8>, TaskError> {
         (self.invoke)(input)
+    }
+
+    /// Runs a packed batch: `count` tasks encoded back to back in `input` (see
+    /// [`backend::pack`](crate::backend::pack)). Appends one encoded
+    /// `Result<Output, WireError>` per task to `output`, in order, whatever happens (a panic
+    /// fails its own task; input that stops decoding fails the rest), and returns how many
+    /// failed. Checks [`is_cancelled`](crate::is_cancelled) as it goes: tasks after a cancel
+    /// fail with [`WireError::Cancelled`](crate::backend::WireError::Cancelled).
+    pub fn run_packed(&self, input: &[u8], count: usize, output: &mut Vec<u8>) -> usize {
+        (self.run_packed)(input, count, output)
     }
 }
 

@@ -66,9 +66,9 @@ pub fn encode<M: Serialize + ?Sized>(
 ) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    if let Err(e) = postcard::serialize_with_flavor(message, AppendTo(out)) {
+    if let Err(e) = offload_core::backend::encode_into(message, out) {
         out.truncate(start);
-        return Err(FrameError::Encode(e.to_string()));
+        return Err(FrameError::Encode(e));
     }
     let len = out.len() - start - HEADER_LEN;
     let prefix = match u32::try_from(len) {
@@ -80,28 +80,6 @@ pub fn encode<M: Serialize + ?Sized>(
     };
     out[start..start + HEADER_LEN].copy_from_slice(&prefix.to_le_bytes());
     Ok(())
-}
-
-/// A postcard flavor that appends to a borrowed `Vec` (postcard's own `AllocVec` owns its
-/// buffer, which would cost a copy per message).
-struct AppendTo<'a>(&'a mut Vec<u8>);
-
-impl postcard::ser_flavors::Flavor for AppendTo<'_> {
-    type Output = ();
-
-    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-        self.0.push(data);
-        Ok(())
-    }
-
-    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<()> {
-        Ok(())
-    }
 }
 
 /// Reassembles frames from a byte stream.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -83,50 +83,6 @@ impl PartialEq for Blob {
 }
 
 impl Eq for Blob {}
-
-/// The tasks of a batch, shared: one allocation for the list, however many tasks it holds.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Blobs(Arc<Vec<Blob>>);
-
-impl Blobs {
-    /// Wraps the encoded tasks of a batch.
-    pub fn new(blobs: Vec<Blob>) -> Self {
-        Blobs(Arc::new(blobs))
-    }
-
-    /// The tasks, in order.
-    pub fn iter(&self) -> std::slice::Iter<'_, Blob> {
-        self.0.iter()
-    }
-
-    /// Number of tasks.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// True when the batch is empty.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Debug for Blobs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Blobs({} tasks)", self.0.len())
-    }
-}
-
-impl Serialize for Blobs {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Blobs {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Vec::<Blob>::deserialize(d).map(Blobs::new)
-    }
-}
 
 impl std::fmt::Debug for Blob {
     // Never log payloads: only their size.
@@ -221,8 +177,10 @@ pub enum ToWorker {
         id: u64,
         /// The tasks' registered name.
         task: String,
-        /// Each task, postcard-encoded.
-        inputs: Blobs,
+        /// How many tasks `inputs` holds.
+        count: u32,
+        /// The tasks, postcard-encoded back to back (see [`offload_core::backend::pack`]).
+        inputs: Blob,
     },
     /// The caller cancelled request `id`: skip it if queued, raise its flag if running.
     Cancel {
@@ -249,25 +207,18 @@ pub enum ToParent {
     BatchDone {
         /// Request id.
         id: u64,
-        /// One result per task.
-        outputs: Vec<Result<Blob, WireError>>,
+        /// How many tasks the batch held (as in `RunBatch`).
+        count: u32,
+        /// How many of them failed.
+        failed: u32,
+        /// One postcard-encoded `Result<Output, WireError>` per task, back to back.
+        outputs: Blob,
     },
     /// A `tracing` event emitted in the worker.
     Log(LogRecord),
 }
 
-/// Why a worker could not produce a task's output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WireError {
-    /// The task panicked.
-    Panicked(String),
-    /// The task's input or output did not (de)serialize.
-    Serialization(String),
-    /// No task of that name is registered in the worker program.
-    UnknownTask(String),
-    /// The task was cancelled before it ran.
-    Cancelled,
-}
+pub use offload_core::backend::WireError;
 
 /// A `tracing` event from a worker, to re-emit in the parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, Stream};
 use offload_core::backend;
-use offload_core::{find_task, CancelFlag, TaskError};
+use offload_core::{find_task, CancelFlag};
 
 use crate::frame::{self, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
@@ -247,10 +247,21 @@ fn run_request(request: Request, flag: &CancelFlag, poll: fn()) -> ToParent {
             id,
             output: run_one(&task, &input),
         },
-        Request::Batch { task, inputs, .. } => ToParent::BatchDone {
-            id,
-            outputs: inputs.iter().map(|i| run_one(&task, i)).collect(),
-        },
+        Request::Batch {
+            task,
+            count,
+            inputs,
+            ..
+        } => {
+            let mut outputs = Vec::new();
+            let failed = run_batch(&task, count as usize, &inputs, &mut outputs);
+            ToParent::BatchDone {
+                id,
+                count,
+                failed: u32::try_from(failed).unwrap_or(u32::MAX),
+                outputs: Blob::new(outputs),
+            }
+        }
     }
 }
 
@@ -263,11 +274,18 @@ fn run_one(task: &str, input: &Blob) -> Result<Blob, WireError> {
     entry
         .invoke(input.as_bytes())
         .map(Blob::new)
-        .map_err(|e| match e {
-            TaskError::Panicked { message, .. } => WireError::Panicked(message),
-            TaskError::Serialization { message, .. } => WireError::Serialization(message),
-            other => WireError::Panicked(other.to_string()),
-        })
+        .map_err(WireError::from_task_error)
+}
+
+/// Runs a packed batch of `count` tasks into `outputs`; returns how many failed.
+fn run_batch(task: &str, count: usize, inputs: &Blob, outputs: &mut Vec<u8>) -> usize {
+    match find_task(task) {
+        Ok(entry) => entry.run_packed(inputs.as_bytes(), count, outputs),
+        Err(e) => {
+            backend::pack_failures(&WireError::UnknownTask(e.to_string()), count, outputs);
+            count
+        }
+    }
 }
 
 /// Frames on their way to the parent, written in batches.
@@ -308,13 +326,17 @@ impl Outbox {
                     id,
                     output: Err(WireError::Serialization(e.to_string())),
                 },
-                ToParent::BatchDone { id, outputs } => ToParent::BatchDone {
-                    id,
-                    outputs: outputs
-                        .iter()
-                        .map(|_| Err(WireError::Serialization(e.to_string())))
-                        .collect(),
-                },
+                ToParent::BatchDone { id, count, .. } => {
+                    let mut outputs = Vec::new();
+                    let error = WireError::Serialization(e.to_string());
+                    backend::pack_failures(&error, count as usize, &mut outputs);
+                    ToParent::BatchDone {
+                        id,
+                        count,
+                        failed: count,
+                        outputs: Blob::new(outputs),
+                    }
+                }
                 other => other,
             };
             inner.buf.clear();

@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use offload_core::backend::unpack_results;
 use offload_core::backend::Completer;
 use offload_core::{TaskError, TaskHandle};
-use offload_ipc::protocol::{Blob, Blobs, ToWorker, WireError};
+use offload_ipc::protocol::{Blob, ToWorker, WireError};
 use serde::de::DeserializeOwned;
 
 /// Identifies a request on the wire; unique within a pool.
@@ -17,13 +18,21 @@ pub(crate) type RequestId = u64;
 #[derive(Clone)]
 pub(crate) enum Payload {
     One(Blob),
-    Batch(Blobs),
+    /// `count` tasks packed back to back.
+    Batch {
+        count: u32,
+        inputs: Blob,
+    },
 }
 
 /// How a job ended, as the scheduler sees it.
 pub(crate) enum Outcome {
     One(Result<Blob, WireError>),
-    Batch(Vec<Result<Blob, WireError>>),
+    /// Packed results, one per task, of which `failed` are errors.
+    Batch {
+        failed: u32,
+        outputs: Blob,
+    },
     Failed(Failure),
 }
 
@@ -114,9 +123,10 @@ impl Job {
                 task: self.name.to_owned(),
                 input: input.clone(),
             },
-            Payload::Batch(inputs) => ToWorker::RunBatch {
+            Payload::Batch { count, inputs } => ToWorker::RunBatch {
                 id: self.id,
                 task: self.name.to_owned(),
+                count: *count,
                 inputs: inputs.clone(),
             },
         }
@@ -135,16 +145,7 @@ fn decode<T: DeserializeOwned>(
         Ok(blob) => {
             postcard::from_bytes(blob.as_bytes()).map_err(|e| TaskError::serialization(name, e))
         }
-        Err(e) => Err(wire_error(name, e)),
-    }
-}
-
-pub(crate) fn wire_error(name: &'static str, e: WireError) -> TaskError {
-    match e {
-        WireError::Panicked(message) => TaskError::panicked(name, message),
-        WireError::Serialization(message) => TaskError::serialization(name, message),
-        WireError::UnknownTask(_) => TaskError::unknown_task(name),
-        WireError::Cancelled => TaskError::cancelled(name),
+        Err(e) => Err(e.into_task_error(name)),
     }
 }
 
@@ -160,7 +161,7 @@ impl<T: DeserializeOwned + Send + 'static> Reply for OneReply<T> {
         let result = match outcome {
             Outcome::One(output) => decode(name, output),
             Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
-            Outcome::Batch(_) => Err(TaskError::serialization(
+            Outcome::Batch { .. } => Err(TaskError::serialization(
                 name,
                 "a batch answer to a single task",
             )),
@@ -169,7 +170,8 @@ impl<T: DeserializeOwned + Send + 'static> Reply for OneReply<T> {
     }
 }
 
-struct BatchReply<T>(Completer<Vec<Result<T, TaskError>>>);
+/// The handle of a batch, and how many tasks it holds.
+struct BatchReply<T>(Completer<Vec<Result<T, TaskError>>>, usize);
 
 impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
     fn start(&self) -> bool {
@@ -179,7 +181,9 @@ impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
     fn finish(self: Box<Self>, outcome: Outcome, attempts: u32) {
         let name = self.0.task_name();
         let result = match outcome {
-            Outcome::Batch(outputs) => Ok(outputs.into_iter().map(|o| decode(name, o)).collect()),
+            // The worker answers with as many results as it was given tasks; should it not,
+            // the missing ones become errors.
+            Outcome::Batch { outputs, .. } => Ok(unpack_results(name, outputs.as_bytes(), self.1)),
             Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::One(_) => Err(TaskError::serialization(name, "a single answer to a batch")),
         };
@@ -208,11 +212,12 @@ pub(crate) fn one<T: DeserializeOwned + Send + 'static>(
     (job, handle)
 }
 
-/// A job for a batch of tasks, and its handle. `on_cancel` runs if the caller cancels it.
+/// A job for a batch of `count` tasks packed in `inputs`, and its handle. `on_cancel` runs if the caller cancels it.
 pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     id: RequestId,
     name: &'static str,
-    inputs: Vec<Blob>,
+    count: u32,
+    inputs: Blob,
     options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
 ) -> (Job, TaskHandle<Vec<Result<T, TaskError>>>) {
@@ -221,8 +226,8 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     let job = Job {
         id,
         name,
-        payload: Payload::Batch(Blobs::new(inputs)),
-        reply: Box::new(BatchReply(completer)),
+        payload: Payload::Batch { count, inputs },
+        reply: Box::new(BatchReply(completer, count as usize)),
         options,
         attempts: 0,
     };

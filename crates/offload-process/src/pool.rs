@@ -274,26 +274,39 @@ impl Executor for ProcessPool {
         if let Some(handle) = self.broken(T::NAME) {
             return Ok(handle);
         }
-        let mut inputs = Vec::with_capacity(tasks.len());
-        let mut total = 0;
-        for task in &tasks {
-            match self.encode(task) {
-                Ok(input) => {
-                    total += input.len() + 8;
-                    // The batch shares its list; each task's bytes need no sharing of their own.
-                    inputs.push(Blob::new(input));
-                }
-                Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
-            }
+        let Ok(count) = u32::try_from(tasks.len()) else {
+            let e = TaskError::serialization(T::NAME, "a batch holds at most 2^32 - 1 tasks");
+            return Ok(TaskHandle::ready(T::NAME, Err(e)));
+        };
+        // One buffer for the whole batch: no allocation per task on either side.
+        let mut inputs = Vec::new();
+        if let Err(e) = offload_core::backend::pack(&tasks, &mut inputs) {
+            return Ok(TaskHandle::ready(
+                T::NAME,
+                Err(TaskError::serialization(T::NAME, e)),
+            ));
         }
-        if total + REQUEST_OVERHEAD > self.inner.max_frame {
-            let e =
-                TaskError::serialization(T::NAME, "the batch is over the pool's max_frame_size");
+        if inputs.len() + REQUEST_OVERHEAD > self.inner.max_frame {
+            let e = TaskError::serialization(
+                T::NAME,
+                format!(
+                    "the batch is {} bytes, over the pool's max_frame_size of {} bytes; \
+                     use a smaller chunk_size",
+                    inputs.len(),
+                    self.inner.max_frame
+                ),
+            );
             return Ok(TaskHandle::ready(T::NAME, Err(e)));
         }
         let id = self.next_id();
-        let (job, handle) =
-            job::batch(id, T::NAME, inputs, self.inner.defaults, self.canceller(id));
+        let (job, handle) = job::batch(
+            id,
+            T::NAME,
+            count,
+            Blob::shared(inputs),
+            self.inner.defaults,
+            self.canceller(id),
+        );
         self.send(job);
         Ok(handle)
     }

@@ -388,7 +388,12 @@ impl Scheduler {
     fn on_message(&mut self, pid: u32, message: ToParent) {
         let (id, outcome) = match message {
             ToParent::Done { id, output } => (id, Outcome::One(output)),
-            ToParent::BatchDone { id, outputs } => (id, Outcome::Batch(outputs)),
+            ToParent::BatchDone {
+                id,
+                failed,
+                outputs,
+                ..
+            } => (id, Outcome::Batch { failed, outputs }),
             ToParent::Log(record) => {
                 let task = record
                     .request
@@ -433,7 +438,7 @@ impl Scheduler {
         if let Some((_, job)) = self.in_flight.remove(&id) {
             let ok = match &outcome {
                 Outcome::One(r) => r.is_ok(),
-                Outcome::Batch(rs) => rs.iter().all(Result::is_ok),
+                Outcome::Batch { failed, .. } => *failed == 0,
                 Outcome::Failed(_) => false,
             };
             if ok {

@@ -52,6 +52,10 @@ task!(KillSelf() -> u32, |_s| {
     0
 });
 task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
+task!(HalfOrPanic(u64) -> u64, |s| {
+    assert!(s.0 % 2 == 0, "odd: {}", s.0);
+    s.0 / 2
+});
 task!(Make(usize) -> Vec<u8>, |s| vec![1; s.0]);
 task!(SpinUntilCancelled() -> bool, |_s| {
     let deadline = Instant::now() + LIMIT;
@@ -463,6 +467,58 @@ fn map_and_as_completed_work_across_processes() {
     });
     seen.sort_unstable();
     assert_eq!(seen, (0..10).collect::<Vec<_>>());
+    assert!(pool.join_timeout(LIMIT));
+}
+
+/// Runs `tasks` as one batch (what `map` sends) and waits for its results.
+fn batch<T: Task>(pool: &ProcessPool, tasks: Vec<T>) -> Vec<Result<T::Output, TaskError>> {
+    let handle = pool
+        .try_submit_batch(tasks)
+        .unwrap_or_else(|_| panic!("pool is open"));
+    wait(handle).expect("the batch itself does not fail")
+}
+
+fn a_batch_fails_task_by_task_and_its_worker_keeps_serving() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_frame_size(1 << 20)
+        .build()
+        .unwrap();
+    // A panic fails its own task only; the tasks after it still run.
+    let results = batch(
+        &pool,
+        (0..5)
+            .map(|i| HalfOrPanic(i * 2 + u64::from(i == 2)))
+            .collect(),
+    );
+    assert_eq!(results[..2], [Ok(0), Ok(1)]);
+    assert_eq!(
+        results[2].as_ref().unwrap_err().panic_message(),
+        Some("odd: 5")
+    );
+    assert_eq!(results[3..], [Ok(3), Ok(4)]);
+    // An output that does not serialize fails its task with the reason.
+    for result in batch(&pool, vec![GivesBad(), GivesBad()]) {
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string().contains("refuses to be serialized"),
+            "{err}"
+        );
+    }
+    // A task type the worker program does not have: every task says so.
+    for result in batch(&pool, vec![Unregistered, Unregistered]) {
+        assert!(
+            matches!(result, Err(TaskError::UnknownTask { .. })),
+            "{result:?}"
+        );
+    }
+    // An answer over the frame limit fails each task with the limit, not the connection.
+    for result in batch(&pool, (0..3).map(|_| Make(400_000)).collect()) {
+        let err = result.unwrap_err();
+        assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+        assert!(err.to_string().contains("max_frame_size"), "{err}");
+    }
+    assert_eq!(batch(&pool, vec![Square(3), Square(4)]), [Ok(9), Ok(16)]);
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -1494,6 +1550,7 @@ fn main() {
         a_crashing_worker_fails_only_its_task_and_is_replaced,
         an_unregistered_task_is_an_error_that_names_it,
         map_and_as_completed_work_across_processes,
+        a_batch_fails_task_by_task_and_its_worker_keeps_serving,
         large_payloads_round_trip_and_oversized_ones_are_refused,
         strangers_and_garbage_are_refused_and_the_pool_keeps_working,
         shutdown_refuses_new_work_and_now_resolves_pending,

@@ -16,7 +16,7 @@ use offload_core::CancelFlag;
 
 use super::reader::Reader;
 use super::{exit_code, lock, run_request, Outbox, WorkerExit};
-use crate::protocol::{Blob, Blobs, ToWorker};
+use crate::protocol::{Blob, ToWorker};
 
 /// How often a running task's cancel checks read the connection, at most: a check costs a
 /// clock read, and one in this long a system call.
@@ -32,7 +32,8 @@ pub(super) enum Request {
     Batch {
         id: u64,
         task: String,
-        inputs: Blobs,
+        count: u32,
+        inputs: Blob,
     },
 }
 
@@ -178,7 +179,17 @@ impl InboxState {
     fn apply(&mut self, message: ToWorker) {
         let request = match message {
             ToWorker::Run { id, task, input } => Request::One { id, task, input },
-            ToWorker::RunBatch { id, task, inputs } => Request::Batch { id, task, inputs },
+            ToWorker::RunBatch {
+                id,
+                task,
+                count,
+                inputs,
+            } => Request::Batch {
+                id,
+                task,
+                count,
+                inputs,
+            },
             ToWorker::Cancel { id } => {
                 match &self.running {
                     Some((running, flag)) if *running == id => flag.raise(),

@@ -1,0 +1,405 @@
+//! The packed form of a batch: tasks back to back in one buffer, and their results back to back
+//! in another.
+//!
+//! A `map` over a million tiny tasks must not cost a million allocations on either side of a
+//! process boundary. Postcard values delimit themselves, so a batch needs no per-item length
+//! or buffer: the parent [`pack`]s the tasks, a worker runs them straight from the bytes
+//! ([`TaskEntry::run_packed`](crate::TaskEntry::run_packed)) and writes one
+//! `Result<Output, WireError>` per task, and the parent [`unpack_results`].
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::TaskError;
+
+/// Why a worker could not produce a task's output, as it crosses the process boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireError {
+    /// The task panicked.
+    Panicked(String),
+    /// The task's input or output did not (de)serialize.
+    Serialization(String),
+    /// No task of that name is registered in the worker program.
+    UnknownTask(String),
+    /// The task was cancelled before it ran.
+    Cancelled,
+}
+
+impl WireError {
+    /// The error a caller of task `name` sees.
+    pub fn into_task_error(self, name: &'static str) -> TaskError {
+        match self {
+            WireError::Panicked(message) => TaskError::panicked(name, message),
+            WireError::Serialization(message) => TaskError::serialization(name, message),
+            WireError::UnknownTask(_) => TaskError::unknown_task(name),
+            WireError::Cancelled => TaskError::cancelled(name),
+        }
+    }
+
+    /// What a task's failure in a worker sends back.
+    pub fn from_task_error(error: TaskError) -> Self {
+        match error {
+            TaskError::Panicked { message, .. } => WireError::Panicked(message),
+            TaskError::Serialization { message, .. } => WireError::Serialization(message),
+            TaskError::Cancelled { .. } => WireError::Cancelled,
+            other => WireError::Panicked(other.to_string()),
+        }
+    }
+}
+
+/// Appends `value`'s postcard encoding to `out`. On failure `out` is left as it was.
+///
+/// # Errors
+///
+/// The reason the value does not serialize (see [`encode`](crate::encode)).
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
+    let start = out.len();
+    postcard::serialize_with_flavor(value, Append(out)).map_err(|_| {
+        out.truncate(start);
+        // Re-encode on the error path only, to recover the message postcard drops.
+        crate::encode(value).err().unwrap_or_default()
+    })
+}
+
+/// A postcard output that appends to a borrowed `Vec`, copying slices whole.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        // Postcard hands over most numbers as a few bytes of varint: a call to `memcpy` for
+        // those costs more than the copy. Tiny tasks are mostly such numbers.
+        if data.len() <= 16 {
+            self.0.reserve(data.len());
+            for &byte in data {
+                self.0.push(byte);
+            }
+        } else {
+            self.0.extend_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes `tasks` back to back into `out`, for [`TaskEntry::run_packed`](crate::TaskEntry::run_packed).
+///
+/// # Errors
+///
+/// The first task that does not serialize, and why; `out` is then left as it was.
+pub fn pack<T: Serialize>(tasks: &[T], out: &mut Vec<u8>) -> Result<(), String> {
+    let start = out.len();
+    for (i, task) in tasks.iter().enumerate() {
+        if let Err(e) = encode_into(task, out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        if i == 0 {
+            // Tasks of one type tend to have one size: grow once, not by doubling.
+            out.reserve((out.len() - start) * (tasks.len() - 1));
+        }
+    }
+    Ok(())
+}
+
+/// Appends `count` copies of one failure, the answer to a batch none of whose tasks could run.
+/// The encoding of an `Err` does not depend on the output type.
+pub fn pack_failures(error: &WireError, count: usize, out: &mut Vec<u8>) {
+    let mut one = Vec::new();
+    put_result::<()>(&Err(error.clone()), &mut one);
+    for _ in 0..count {
+        out.extend_from_slice(&one);
+    }
+}
+
+/// Decodes the `count` results of a packed batch of task `name`. Results that are missing or
+/// do not decode become [`TaskError::Serialization`]: each task gets exactly one result.
+pub fn unpack_results<O: DeserializeOwned>(
+    name: &'static str,
+    mut bytes: &[u8],
+    count: usize,
+) -> Vec<Result<O, TaskError>> {
+    let mut results = Vec::with_capacity(count);
+    while results.len() < count {
+        match take_result::<O>(bytes) {
+            Ok((result, rest)) => {
+                bytes = rest;
+                results.push(result.map_err(|e| e.into_task_error(name)));
+            }
+            Err(e) => {
+                // Nothing after an undecodable result can be found: the rest fail alike.
+                let error = TaskError::serialization(name, e);
+                results.resize_with(count, || Err(error.clone()));
+            }
+        }
+    }
+    results
+}
+
+// A `Result` in postcard is its variant index (one byte: 0 = `Ok`, 1 = `Err`) and then the
+// value. Reading and writing the byte directly is postcard's own format, without the
+// generic enum machinery: per tiny task, that machinery costs as much as the task.
+const OK: u8 = 0;
+const ERR: u8 = 1;
+
+type Taken<'a, O> = (Result<O, WireError>, &'a [u8]);
+
+/// Decodes one `Result<O, WireError>` from the front of `bytes`.
+fn take_result<O: DeserializeOwned>(bytes: &[u8]) -> postcard::Result<Taken<'_, O>> {
+    match bytes.split_first() {
+        Some((&OK, rest)) => postcard::take_from_bytes::<O>(rest).map(|(o, rest)| (Ok(o), rest)),
+        Some((&ERR, rest)) => {
+            postcard::take_from_bytes::<WireError>(rest).map(|(e, rest)| (Err(e), rest))
+        }
+        Some(_) => Err(postcard::Error::DeserializeBadEnum),
+        None => Err(postcard::Error::DeserializeUnexpectedEnd),
+    }
+}
+
+/// Appends one encoded `Result<O, WireError>`: the output, or the error if the output does
+/// not encode. Returns false when an error was written.
+fn put_result<O: Serialize>(result: &Result<O, WireError>, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let error = match result {
+        Ok(output) => {
+            out.push(OK);
+            match encode_into(output, out) {
+                Ok(()) => return true,
+                Err(message) => {
+                    out.truncate(start);
+                    &WireError::Serialization(message)
+                }
+            }
+        }
+        Err(e) => e,
+    };
+    out.push(ERR);
+    if encode_into(error, out).is_err() {
+        // A WireError always encodes; should it not, the answer must still hold a result.
+        out.truncate(start);
+        out.extend_from_slice(&[ERR, 3]); // WireError::Cancelled
+    }
+    false
+}
+
+/// How often a packed batch checks for a cancel. A check costs a clock read and, at times, a
+/// system call: more than a tiny task. So the batch checks before its first task, then every
+/// `stride` tasks, the stride doubling while checks come closer than `CHECK_GAP_MIN` and
+/// halving while they are further apart than `CHECK_GAP_MAX`: long tasks are checked one by
+/// one, tiny ones in runs of up to `MAX_STRIDE`.
+const CHECK_GAP_MIN: Duration = Duration::from_micros(10);
+const CHECK_GAP_MAX: Duration = Duration::from_micros(100);
+const MAX_STRIDE: usize = 1024;
+
+/// Runs the `count` tasks of type `T` packed in `input`, appending one encoded
+/// `Result<T::Output, WireError>` per task to `out`. Returns how many failed.
+pub(crate) fn run_packed<T: crate::Task>(
+    mut input: &[u8],
+    count: usize,
+    out: &mut Vec<u8>,
+) -> usize {
+    let mut failed = 0;
+    let mut cancelled = false;
+    let mut stride = 1;
+    let mut next_check = 0;
+    let mut last_check = Instant::now();
+    for i in 0..count {
+        if !cancelled && i == next_check {
+            cancelled = crate::is_cancelled();
+            let now = Instant::now();
+            let gap = now - last_check;
+            last_check = now;
+            if gap < CHECK_GAP_MIN {
+                stride = (stride * 2).min(MAX_STRIDE);
+            } else if gap > CHECK_GAP_MAX {
+                stride = (stride / 2).max(1);
+            }
+            next_check = i + stride;
+        }
+        let result = if cancelled {
+            Err(WireError::Cancelled)
+        } else {
+            match postcard::take_from_bytes::<T>(input) {
+                Ok((task, rest)) => {
+                    input = rest;
+                    crate::catch_task_panic(T::NAME, move || task.run())
+                        .map_err(WireError::from_task_error)
+                }
+                Err(e) => {
+                    // Where the next task starts is unknown now: the rest fail alike.
+                    let error = WireError::Serialization(e.to_string());
+                    pack_failures(&error, count - i, out);
+                    return failed + count - i;
+                }
+            }
+        };
+        if i == 0 {
+            // Outputs of one type tend to have one size: grow once, not by doubling.
+            let before = out.len();
+            let ok = put_result(&result, out);
+            out.reserve((out.len() - before) * (count - 1));
+            failed += usize::from(!ok);
+        } else if !put_result(&result, out) {
+            failed += 1;
+        }
+    }
+    failed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Task;
+
+    #[derive(Serialize, Deserialize)]
+    struct Halve(u32);
+    impl Task for Halve {
+        type Output = u32;
+        const NAME: &'static str = "offload_core::packed::tests::Halve";
+        fn run(self) -> u32 {
+            assert!(self.0 % 2 == 0, "odd: {}", self.0);
+            self.0 / 2
+        }
+    }
+
+    fn run(tasks: &[Halve]) -> (Vec<Result<u32, TaskError>>, usize) {
+        let mut input = Vec::new();
+        pack(tasks, &mut input).expect("packs");
+        let mut output = Vec::new();
+        let failed = run_packed::<Halve>(&input, tasks.len(), &mut output);
+        (unpack_results(Halve::NAME, &output, tasks.len()), failed)
+    }
+
+    #[test]
+    fn a_packed_batch_gives_one_result_per_task_in_order() {
+        let tasks: Vec<Halve> = (0..1000).map(|i| Halve(i * 2)).collect();
+        let (results, failed) = run(&tasks);
+        assert_eq!(failed, 0);
+        let expected: Vec<Result<u32, TaskError>> = (0..1000).map(Ok).collect();
+        assert_eq!(results, expected);
+    }
+
+    #[test]
+    fn a_panic_fails_only_its_own_task() {
+        let (results, failed) = run(&[Halve(2), Halve(3), Halve(4)]);
+        assert_eq!(failed, 1);
+        assert_eq!(results[0], Ok(1));
+        assert_eq!(
+            results[1].as_ref().unwrap_err().panic_message(),
+            Some("odd: 3")
+        );
+        assert_eq!(results[2], Ok(2));
+    }
+
+    #[test]
+    fn garbage_and_short_answers_fail_each_remaining_task() {
+        // Input that is not a `Halve` (a varint that never ends) fails every task.
+        let mut output = Vec::new();
+        let failed = run_packed::<Halve>(&[0xFF; 3], 4, &mut output);
+        assert_eq!(failed, 4);
+        let results = unpack_results::<u32>(Halve::NAME, &output, 4);
+        assert_eq!(results.len(), 4);
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Err(TaskError::Serialization { .. }))));
+
+        // An answer with fewer results than tasks: the missing ones are errors, not absent.
+        let mut two = Vec::new();
+        encode_into(&Ok::<u32, WireError>(7), &mut two).unwrap();
+        encode_into(&Ok::<u32, WireError>(8), &mut two).unwrap();
+        let results = unpack_results::<u32>(Halve::NAME, &two, 3);
+        assert_eq!(results[..2], [Ok(7), Ok(8)]);
+        assert!(matches!(results[2], Err(TaskError::Serialization { .. })));
+    }
+
+    #[test]
+    fn a_cancelled_batch_stops_running_its_tasks() {
+        let flag = crate::CancelFlag::new();
+        flag.raise();
+        let _guard = crate::backend::enter(flag);
+        let (results, failed) = run(&[Halve(2), Halve(4)]);
+        assert_eq!(failed, 2);
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Err(TaskError::Cancelled { .. }))));
+    }
+
+    #[test]
+    fn results_are_written_exactly_as_postcard_writes_a_result() {
+        let cases: [Result<String, WireError>; 3] = [
+            Ok("out".into()),
+            Err(WireError::Panicked("p".into())),
+            Err(WireError::Cancelled),
+        ];
+        for case in cases {
+            let mut ours = Vec::new();
+            put_result(&case, &mut ours);
+            assert_eq!(ours, postcard::to_stdvec(&case).unwrap(), "{case:?}");
+            let (back, rest) = take_result::<String>(&ours).unwrap();
+            assert_eq!((back, rest.len()), (case, 0));
+        }
+        // The fallback written when an error does not encode is `Cancelled`.
+        assert_eq!(
+            postcard::to_stdvec(&Err::<(), _>(WireError::Cancelled)).unwrap(),
+            [ERR, 3]
+        );
+    }
+
+    /// Sleeps, and raises the current cancel flag when told to: a caller cancelling while a
+    /// batch runs.
+    #[derive(Serialize, Deserialize)]
+    struct SlowThenCancel(bool);
+    impl Task for SlowThenCancel {
+        type Output = ();
+        const NAME: &'static str = "offload_core::packed::tests::SlowThenCancel";
+        fn run(self) {
+            std::thread::sleep(Duration::from_micros(300));
+            if self.0 {
+                RAISE.with(|f| f.borrow().as_ref().map(crate::CancelFlag::raise));
+            }
+        }
+    }
+    thread_local! {
+        static RAISE: std::cell::RefCell<Option<crate::CancelFlag>> = const { std::cell::RefCell::new(None) };
+    }
+
+    #[test]
+    fn long_tasks_in_a_long_batch_see_a_cancel_at_the_next_task() {
+        // 300 us tasks: the stride stays at one, so the task after the cancel does not run.
+        let flag = crate::CancelFlag::new();
+        RAISE.with(|f| *f.borrow_mut() = Some(flag.clone()));
+        let _guard = crate::backend::enter(flag);
+        let tasks: Vec<_> = (0..200).map(|i| SlowThenCancel(i == 100)).collect();
+        let mut input = Vec::new();
+        pack(&tasks, &mut input).unwrap();
+        let mut output = Vec::new();
+        let failed = run_packed::<SlowThenCancel>(&input, tasks.len(), &mut output);
+        let results = unpack_results::<()>(SlowThenCancel::NAME, &output, tasks.len());
+        assert_eq!(failed, 99, "tasks 101.. are cancelled");
+        assert!(results[..=100].iter().all(Result::is_ok));
+        assert!(results[101..]
+            .iter()
+            .all(|r| matches!(r, Err(TaskError::Cancelled { .. }))));
+    }
+
+    #[test]
+    fn failures_of_a_whole_batch_decode_as_any_output_type() {
+        let mut out = Vec::new();
+        pack_failures(&WireError::UnknownTask("x".into()), 3, &mut out);
+        let results = unpack_results::<String>("x", &out, 3);
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Err(TaskError::UnknownTask { .. }))));
+    }
+}
