@@ -161,6 +161,12 @@ pub(crate) const GOALS: &[Goal] = &[
         target: Target::AtMost(1.5),
     },
     Goal {
+        what: "startup of 8 workers: offload / raw spawn of 8 children",
+        row: "process.startup_8_workers_ms.offload",
+        against: Some("process.startup_8_workers_ms.raw_spawn"),
+        target: Target::AtMost(1.5),
+    },
+    Goal {
         what: "8 MiB argument round trip: offload / raw Unix socket",
         row: "process.payload_8mib_mb_per_s.offload",
         against: Some("process.payload_8mib_mb_per_s.raw_uds"),
@@ -198,10 +204,11 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         .iter()
         .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds", "offload_spin"]))
         .collect();
-    let startup_ids = ids(
+    let mut startup_ids = ids(
         "startup_ms",
         &["offload", "python_ppe", "python_ppe_spawn", "raw_spawn"],
     );
+    startup_ids.extend(ids("startup_8_workers_ms", &["offload", "raw_spawn"]));
     let payload_ids = ids(
         "payload_8mib_mb_per_s",
         &["offload", "python_ppe", "raw_uds"],
@@ -631,11 +638,12 @@ impl Bench {
         Ok(rows)
     }
 
-    /// A fresh pool of two workers to its first result; milliseconds. Joining it is not timed.
-    fn startup_sample() -> anyhow::Result<f64> {
+    /// A fresh pool of `workers` workers to its first result; milliseconds. Joining it is
+    /// not timed.
+    fn startup_sample(workers: usize) -> anyhow::Result<f64> {
         let start = Instant::now();
         let pool = offload::ProcessPool::builder()
-            .workers(WORKERS)
+            .workers(workers)
             .build()
             .context("could not build an offload process pool")?;
         let y = pool.submit(Noop { x: 1 }).wait()?;
@@ -645,12 +653,12 @@ impl Bench {
         Ok(elapsed)
     }
 
-    /// Two raw echo children spawned at once, to their connection and one echo each;
+    /// `children` raw echo children spawned at once, to their connection and one echo each;
     /// milliseconds. Stopping them is not timed.
-    fn raw_spawn_sample() -> anyhow::Result<f64> {
+    fn raw_spawn_sample(children: usize) -> anyhow::Result<f64> {
         let start = Instant::now();
         let echoes = std::thread::scope(|scope| {
-            let starting: Vec<_> = (0..WORKERS)
+            let starting: Vec<_> = (0..children)
                 .map(|_| {
                     scope.spawn(|| {
                         let mut echo = RawEcho::start()?;
@@ -680,7 +688,7 @@ impl Bench {
     fn startups(&mut self) -> anyhow::Result<Vec<Row>> {
         let runs = self.sizes.startup_runs;
         // The first start pages the programs in; every later one finds them cached.
-        Self::startup_sample()?;
+        Self::startup_sample(WORKERS)?;
         let python_methods = [(None, "python_ppe"), (Some("spawn"), "python_ppe_spawn")];
         let mut used_methods = vec![String::new(); python_methods.len()];
         if let Some(python) = &mut self.python {
@@ -688,14 +696,17 @@ impl Bench {
                 python.call(&json!({ "cmd": "startup", "method": method }))?;
             }
         }
-        Self::raw_spawn_sample()?;
+        Self::raw_spawn_sample(WORKERS)?;
         let mut ours = Vec::new();
         let mut raw = Vec::new();
+        let (mut ours_8, mut raw_8) = (Vec::new(), Vec::new());
         let mut theirs = vec![Vec::new(); python_methods.len()];
         for run in 0..runs {
             eprintln!("[process] startup, run {}/{runs}", run + 1);
-            ours.push(Self::startup_sample()?);
-            raw.push(Self::raw_spawn_sample()?);
+            ours.push(Self::startup_sample(WORKERS)?);
+            raw.push(Self::raw_spawn_sample(WORKERS)?);
+            ours_8.push(Self::startup_sample(8)?);
+            raw_8.push(Self::raw_spawn_sample(8)?);
             if let Some(python) = &mut self.python {
                 for (i, (method, _)) in python_methods.iter().enumerate() {
                     let reply = python.call(&json!({ "cmd": "startup", "method": method }))?;
@@ -726,6 +737,24 @@ impl Bench {
                 "this binary spawned twice at once, each child connecting to a Unix socket \
                  of the parent, + one 16-byte echo from each: the floor of starting workers",
             ),
+        );
+        rows.push(
+            Row::new(
+                "process.startup_8_workers_ms.offload",
+                "ms",
+                Better::Lower,
+                ours_8,
+            )
+            .with_note("the same with workers(8): waits for 8 handshakes"),
+        );
+        rows.push(
+            Row::new(
+                "process.startup_8_workers_ms.raw_spawn",
+                "ms",
+                Better::Lower,
+                raw_8,
+            )
+            .with_note("8 raw echo children spawned at once, + one echo from each"),
         );
         if self.python.is_some() {
             for (((_, system), samples), method) in

@@ -196,25 +196,19 @@ impl Scheduler {
     }
 
     fn spawn_workers(&mut self, count: usize) {
-        for _ in 0..count {
-            if self.broken.is_some() {
-                return;
-            }
-            let events = self.events.clone();
-            let spawned = spawner::spawn(
-                &self.settings.program,
-                &self.settings.socket,
-                &self.settings.token,
-                move |pid, status| {
-                    let _ = events.send(Event::Exited { pid, status });
-                },
-            );
-            match spawned {
+        if self.broken.is_some() || count == 0 {
+            return;
+        }
+        let spawned = self.start_processes(count);
+        for result in spawned {
+            match result {
                 Ok((pid, killer)) => {
                     tracing::debug!(worker.pid = pid, "worker started");
                     if !matches!(self.startup, Startup::Starting) {
                         self.stats.restarts += 1;
                     }
+                    // Recorded even if another start failed and broke the pool: a worker
+                    // that is not tracked would never be stopped.
                     self.workers.insert(
                         pid,
                         Worker {
@@ -235,11 +229,32 @@ impl Scheduler {
                     );
                 }
                 Err(e) => {
-                    let program = self.settings.program.display();
-                    self.break_pool(format!("cannot start the worker program {program}: {e}"));
+                    if self.broken.is_none() {
+                        let program = self.settings.program.display();
+                        self.break_pool(format!("cannot start the worker program {program}: {e}"));
+                    }
                 }
             }
         }
+    }
+
+    /// Starts `count` worker processes side by side: each start waits for its `exec`, and a
+    /// pool of 8 should not wait for 8 of them in turn.
+    fn start_processes(&self, count: usize) -> Vec<std::io::Result<(u32, spawner::Killer)>> {
+        let starting: Vec<_> = (0..count)
+            .map(|_| {
+                let events = self.events.clone();
+                spawner::start(
+                    &self.settings.program,
+                    &self.settings.socket,
+                    &self.settings.token,
+                    move |pid, status| {
+                        let _ = events.send(Event::Exited { pid, status });
+                    },
+                )
+            })
+            .collect();
+        starting.into_iter().map(spawner::Starting::wait).collect()
     }
 
     pub(crate) fn on_command(&mut self, command: Command) {

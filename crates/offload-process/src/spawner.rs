@@ -37,16 +37,74 @@ impl Killer {
     }
 }
 
+/// A worker being started: [`wait`](Starting::wait) for its pid.
+pub(crate) struct Starting(
+    Result<std::sync::mpsc::Receiver<std::io::Result<(u32, Killer)>>, std::io::Error>,
+);
+
+impl Starting {
+    /// Blocks until the worker's program was executed (or could not be).
+    pub(crate) fn wait(self) -> std::io::Result<(u32, Killer)> {
+        self.0?.recv().unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread starting the worker ended without a result",
+            ))
+        })
+    }
+}
+
 /// Starts one worker: the program with the pool's socket name in its environment and the
 /// token on its stdin (so `ps` and `/proc/<pid>/cmdline` never show it). Its stdout and stderr
 /// are the parent's, so nothing it prints is lost. `on_exit` runs with its pid and status once
 /// it ended and was reaped.
-pub(crate) fn spawn(
+///
+/// Returns at once: several workers start side by side. The worker is started by its own
+/// reaper thread, which then waits for it to exit. That thread is the worker's parent as
+/// `PR_SET_PDEATHSIG` sees it (the signal fires when the *thread* that forked a child ends),
+/// and it outlives the worker, so the signal comes only when the whole parent process dies.
+pub(crate) fn start(
     program: &Path,
     socket: &str,
     token: &[u8; TOKEN_LEN],
     on_exit: impl FnOnce(u32, ExitStatus) + Send + 'static,
-) -> std::io::Result<(u32, Killer)> {
+) -> Starting {
+    let (program, socket, token) = (program.to_owned(), socket.to_owned(), *token);
+    let (started, result) = std::sync::mpsc::sync_channel(1);
+    let reaper = std::thread::Builder::new()
+        .name("offload-reaper".into())
+        .spawn(move || {
+            let mut child = match spawn_child(&program, &socket, &token) {
+                Ok(child) => child,
+                Err(e) => {
+                    let _ = started.send(Err(e));
+                    return;
+                }
+            };
+            let pid = child.id();
+            let killer = Killer {
+                pid,
+                exited: Arc::new(Mutex::new(false)),
+            };
+            let exited = killer.exited.clone();
+            let _ = started.send(Ok((pid, killer)));
+            wait_without_reaping(pid);
+            *exited.lock().unwrap_or_else(PoisonError::into_inner) = true;
+            // Reap; an error here means it was reaped already, which cannot happen since only
+            // this thread waits for it. Report it as ended either way, so nothing waits forever.
+            let status = child.wait().unwrap_or_else(|_| {
+                use std::os::unix::process::ExitStatusExt;
+                ExitStatus::from_raw(0)
+            });
+            on_exit(pid, status);
+        });
+    Starting(reaper.map(|_| result))
+}
+
+fn spawn_child(
+    program: &Path,
+    socket: &str,
+    token: &[u8; TOKEN_LEN],
+) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let mut command = Command::new(program);
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
@@ -69,35 +127,12 @@ pub(crate) fn spawn(
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let pid = child.id();
     if let Some(mut stdin) = child.stdin.take() {
         // 65 bytes fit any pipe buffer, so this never blocks. A worker that died already is
         // reported by its exit, not here.
         let _ = writeln!(stdin, "{}", token_to_hex(token));
     }
-    let killer = Killer {
-        pid,
-        exited: Arc::new(Mutex::new(false)),
-    };
-    let exited = killer.exited.clone();
-    let reaper = std::thread::Builder::new()
-        .name("offload-reaper".into())
-        .spawn(move || {
-            wait_without_reaping(pid);
-            *exited.lock().unwrap_or_else(PoisonError::into_inner) = true;
-            // Reap; an error here means it was reaped already, which cannot happen since only
-            // this thread waits for it. Report it as ended either way, so nothing waits forever.
-            let status = child.wait().unwrap_or_else(|_| {
-                use std::os::unix::process::ExitStatusExt;
-                ExitStatus::from_raw(0)
-            });
-            on_exit(pid, status);
-        });
-    if let Err(e) = reaper {
-        killer.kill();
-        return Err(e);
-    }
-    Ok((pid, killer))
+    Ok(child)
 }
 
 /// Marks every descriptor from 3 up close-on-exec, so a worker inherits nothing of its parent
@@ -209,9 +244,10 @@ mod tests {
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (_pid, killer) = spawn(&script, "unused", &[0; TOKEN_LEN], move |_, s| {
+        let (_pid, killer) = start(&script, "unused", &[0; TOKEN_LEN], move |_, s| {
             let _ = tx.send(s);
         })
+        .wait()
         .unwrap();
         killer.kill();
         let status = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();

@@ -1177,6 +1177,26 @@ fn a_small_memory_limit_leaves_the_worker_itself_enough() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+fn eight_workers_start_side_by_side_and_all_stay_up() {
+    // Workers start concurrently, each from a thread of its own; none may die with the
+    // thread that started it (PR_SET_PDEATHSIG fires when the forking *thread* ends).
+    let pool = ProcessPool::builder().workers(8).build().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.workers, stats.restarts, stats.crashed),
+        (8, 0, 0),
+        "{stats:?}"
+    );
+    let results: Vec<u64> = (0..64)
+        .map(|i| pool.submit(Square(i)))
+        .map(|h| wait(h).unwrap())
+        .collect();
+    assert_eq!(results, (0..64).map(|i| i * i).collect::<Vec<_>>());
+    assert_eq!(pool.stats().restarts, 0);
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn map_grows_an_elastic_pool() {
     let pool = ProcessPool::builder()
         .workers(1)
@@ -1574,6 +1594,7 @@ fn main() {
         work_put_back_after_the_pool_broke_still_resolves,
         a_small_memory_limit_leaves_the_worker_itself_enough,
         map_grows_an_elastic_pool,
+        eight_workers_start_side_by_side_and_all_stay_up,
         extra_workers_that_never_get_work_still_time_out,
         stats_count_what_happened,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
