@@ -167,6 +167,12 @@ pub(crate) const GOALS: &[Goal] = &[
         target: Target::AtMost(1.5),
     },
     Goal {
+        what: "parent memory over a 10M-task map: second-half peak - first-half peak, MiB",
+        row: "process.map_10m_parent_rss_growth_mib.offload",
+        against: None,
+        target: Target::AtMost(1.0),
+    },
+    Goal {
         what: "8 MiB argument round trip: offload / raw Unix socket",
         row: "process.payload_8mib_mb_per_s.offload",
         against: Some("process.payload_8mib_mb_per_s.raw_uds"),
@@ -215,6 +221,7 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     );
     let recycle_ids = ids("recycle_tasks_per_s", &["offload", "python_ppe"]);
     let rss_ids = ids("idle_worker_rss_mib", &["offload"]);
+    let flat_ids = ids("map_10m_parent_rss_growth_mib", &["offload"]);
     let want = |ids: &[String]| settings.wants(ids);
     let (submit, map, roundtrip, startup, payload, recycle) = (
         want(&submit_ids),
@@ -225,7 +232,8 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
         want(&recycle_ids),
     );
     let rss = want(&rss_ids);
-    if !(submit || map || roundtrip || startup || payload || recycle || rss) {
+    let flat = want(&flat_ids);
+    if !(submit || map || roundtrip || startup || payload || recycle || rss || flat) {
         return Ok(Vec::new());
     }
 
@@ -280,6 +288,9 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     if rss {
         rows.push(Bench::idle_rss()?);
     }
+    if flat {
+        rows.push(bench.map_memory()?);
+    }
     bench.pool.join();
     if let Some(pool) = &bench.spin_pool {
         pool.join();
@@ -319,7 +330,60 @@ fn children() -> std::collections::HashSet<u32> {
 const RECYCLE_TASKS: u64 = 20_000;
 const RECYCLE_EVERY: u64 = 100;
 
+/// This process's resident memory (VmRSS), MiB.
+fn own_rss_mib() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kib / 1024.0)
+}
+
 impl Bench {
+    /// `process.map_10m_parent_rss_growth_mib.offload`: the parent's resident memory while
+    /// `map` streams 10,000,000 tiny tasks (quick: 2,000,000), read every 500,000 results;
+    /// the row is the highest reading of the second half minus the highest of the first half.
+    /// Memory that grows with the number of tasks shows as a positive figure that scales with
+    /// it; a bounded window gives about zero.
+    fn map_memory(&self) -> anyhow::Result<Row> {
+        let n: u64 = if self.sizes.map_tasks < 1_000_000 {
+            2_000_000
+        } else {
+            10_000_000
+        };
+        const EVERY: u64 = 500_000;
+        let mut readings = Vec::new();
+        futures::executor::block_on(async {
+            let mut results = self.pool.map((0..n).map(|x| Noop { x }));
+            let (mut i, mut sum) = (0u64, 0u64);
+            while let Some(y) = results.next().await {
+                sum += y?;
+                i += 1;
+                if i % EVERY == 0 {
+                    readings.push(own_rss_mib()?);
+                }
+            }
+            ensure!(sum == n * (n - 1) / 2, "map lost results");
+            Ok::<_, anyhow::Error>(())
+        })?;
+        eprintln!("[process] {n} tasks through map: parent RSS every {EVERY}, MiB: {readings:.1?}");
+        let (first, second) = readings.split_at(readings.len() / 2);
+        let peak = |r: &[f64]| r.iter().copied().fold(f64::MIN, f64::max);
+        Ok(Row::new(
+            "process.map_10m_parent_rss_growth_mib.offload",
+            "MiB",
+            Better::Lower,
+            vec![peak(second) - peak(first)],
+        )
+        .with_note(format!(
+            "pool.map over {n} tiny tasks: the parent's VmRSS read every {EVERY} results; \
+             the highest reading of the second half minus the highest of the first"
+        )))
+    }
+
     /// `process.idle_worker_rss_mib.offload`: the resident memory (VmRSS) of each worker of a
     /// fresh pool that has served one task and sits idle, one sample per worker.
     fn idle_rss() -> anyhow::Result<Row> {
