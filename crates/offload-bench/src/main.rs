@@ -10,11 +10,13 @@
 //! across runs.
 
 mod cpu;
+mod curves;
 mod process;
 mod python;
 mod raw_uds;
 mod report;
 mod stats;
+mod svg;
 mod thread;
 
 use std::path::PathBuf;
@@ -59,6 +61,7 @@ const GROUPS: &[(&str, Group)] = &[
     ("thread", thread::run),
     ("cpu", cpu::run),
     ("process", process::run),
+    ("curves", curves::run),
 ];
 
 /// A group's entry point: its rows, or none when the filter leaves nothing of it.

@@ -23,13 +23,13 @@ use crate::{stats, Settings};
 
 /// The tiniest task: all its cost is the pool's.
 #[offload::task]
-fn noop(x: u64) -> u64 {
+pub(crate) fn noop(x: u64) -> u64 {
     x
 }
 
 /// A payload there and back.
 #[offload::task]
-fn echo(data: Bytes) -> Bytes {
+pub(crate) fn echo(data: Bytes) -> Bytes {
     data
 }
 
@@ -37,7 +37,7 @@ fn echo(data: Bytes) -> Bytes {
 /// a sequence, element by element, which is several times slower for megabytes (see
 /// `docs/benchmarks.md`).
 #[derive(Clone, PartialEq, Eq)]
-struct Bytes(Vec<u8>);
+pub(crate) struct Bytes(pub(crate) Vec<u8>);
 
 impl serde::Serialize for Bytes {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
