@@ -103,13 +103,20 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<A
 
 /// `target/bench/results.json` under the workspace root, wherever we are started from.
 fn default_out() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join("bench")
+        .join("results.json")
+}
+
+/// The workspace this harness was built in (results and plots are written under it).
+pub(crate) fn workspace_root() -> PathBuf {
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let root = crate_dir
+    crate_dir
         .ancestors()
         .nth(2)
         .unwrap_or(&crate_dir)
-        .to_owned();
-    root.join("target").join("bench").join("results.json")
+        .to_owned()
 }
 
 fn main() -> ExitCode {
