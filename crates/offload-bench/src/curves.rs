@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context as _};
-use futures::StreamExt as _;
 use offload::Executor as _;
 
-use crate::process::{Bytes, Echo, Noop};
+use crate::process::{map_rate, submit_rate, Bytes, Echo, Noop};
 use crate::raw_uds::RawEcho;
 use crate::report::{Better, Row};
 use crate::svg::{self, Chart, Series};
@@ -166,30 +165,6 @@ fn worker_curve(quick: bool) -> anyhow::Result<Vec<Row>> {
         ));
     }
     Ok(rows)
-}
-
-fn map_rate(pool: &offload::ProcessPool, n: u64) -> anyhow::Result<f64> {
-    futures::executor::block_on(async {
-        let start = Instant::now();
-        let mut results = pool.map((0..n).map(|x| Noop { x }));
-        let mut sum = 0;
-        while let Some(y) = results.next().await {
-            sum += y?;
-        }
-        ensure!(sum == n * (n - 1) / 2, "map lost results");
-        Ok(n as f64 / start.elapsed().as_secs_f64())
-    })
-}
-
-fn submit_rate(pool: &offload::ProcessPool, n: u64) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let handles: Vec<_> = (0..n).map(|x| pool.submit(Noop { x })).collect();
-    let mut sum = 0;
-    for handle in handles {
-        sum += handle.wait()?;
-    }
-    ensure!(sum == n * (n - 1) / 2, "submit lost results");
-    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Where the plots go: the documentation for a full run, `target/` for a quick one.

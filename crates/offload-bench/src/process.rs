@@ -330,16 +330,45 @@ fn children() -> std::collections::HashSet<u32> {
 const RECYCLE_TASKS: u64 = 20_000;
 const RECYCLE_EVERY: u64 = 100;
 
-/// This process's resident memory (VmRSS), MiB.
-fn own_rss_mib() -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+/// The resident memory (VmRSS) of process `pid` (`"self"` for this one), MiB.
+fn rss_mib(pid: &str) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)?;
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/self/status")?;
+        .with_context(|| format!("no VmRSS in {path}"))?;
     Ok(kib / 1024.0)
+}
+
+/// `n` tiny tasks submitted one by one, then waited for in order; tasks per second.
+pub(crate) fn submit_rate(pool: &offload::ProcessPool, n: u64) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let handles: Vec<_> = (0..n).map(|x| pool.submit(Noop { x })).collect();
+    let mut sum = 0;
+    for handle in handles {
+        sum += handle.wait()?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    ensure!(sum == n * (n - 1) / 2, "submit lost results");
+    Ok(n as f64 / elapsed)
+}
+
+/// `pool.map` over `n` tiny tasks, the stream consumed in order; tasks per second.
+pub(crate) fn map_rate(pool: &offload::ProcessPool, n: u64) -> anyhow::Result<f64> {
+    futures::executor::block_on(async {
+        let start = Instant::now();
+        let mut results = pool.map((0..n).map(|x| Noop { x }));
+        let mut sum = 0;
+        while let Some(y) = results.next().await {
+            sum += y?;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        ensure!(sum == n * (n - 1) / 2, "map lost results");
+        Ok(n as f64 / elapsed)
+    })
 }
 
 impl Bench {
@@ -363,7 +392,7 @@ impl Bench {
                 sum += y?;
                 i += 1;
                 if i % EVERY == 0 {
-                    readings.push(own_rss_mib()?);
+                    readings.push(rss_mib("self")?);
                 }
             }
             ensure!(sum == n * (n - 1) / 2, "map lost results");
@@ -393,14 +422,7 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(200));
         let mut samples = Vec::new();
         for pid in children().difference(&before) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-            let kib: f64 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .context("no VmRSS in /proc/<pid>/status")?;
-            samples.push(kib / 1024.0);
+            samples.push(rss_mib(&pid.to_string())?);
         }
         pool.join();
         ensure!(!samples.is_empty(), "found no worker processes");
@@ -491,17 +513,8 @@ impl Bench {
         Ok(rows)
     }
 
-    /// `n` tiny tasks submitted one by one, then waited for in order; tasks per second.
     fn submit_sample(&self, n: u64) -> anyhow::Result<f64> {
-        let start = Instant::now();
-        let handles: Vec<_> = (0..n).map(|x| self.pool.submit(Noop { x })).collect();
-        let mut sum = 0;
-        for handle in handles {
-            sum += handle.wait()?;
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        ensure!(sum == n * (n - 1) / 2, "submit lost results");
-        Ok(n as f64 / elapsed)
+        submit_rate(&self.pool, n)
     }
 
     /// `process.submit_tasks_per_s.{offload,python_ppe}`.
@@ -541,19 +554,8 @@ impl Bench {
         Ok(rows)
     }
 
-    /// `pool.map` over `n` tiny tasks, the stream consumed in order; tasks per second.
     fn map_sample(&self, n: u64) -> anyhow::Result<f64> {
-        futures::executor::block_on(async {
-            let start = Instant::now();
-            let mut results = self.pool.map((0..n).map(|x| Noop { x }));
-            let mut sum = 0;
-            while let Some(y) = results.next().await {
-                sum += y?;
-            }
-            let elapsed = start.elapsed().as_secs_f64();
-            ensure!(sum == n * (n - 1) / 2, "map lost results");
-            Ok(n as f64 / elapsed)
-        })
+        map_rate(&self.pool, n)
     }
 
     /// `process.map_tasks_per_s.{offload,python_pool}`.

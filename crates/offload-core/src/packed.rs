@@ -106,11 +106,16 @@ pub fn pack<T: Serialize>(tasks: &[T], out: &mut Vec<u8>) -> Result<(), String> 
             return Err(e);
         }
         if i == 0 {
-            // Tasks of one type tend to have one size: grow once, not by doubling.
-            out.reserve((out.len() - start) * (tasks.len() - 1));
+            reserve_like_first(out, start, tasks.len());
         }
     }
     Ok(())
+}
+
+/// Values of one type tend to encode to one size: once the first of `count` values is in
+/// `out` (from `start`), room for the rest is reserved at once instead of by doubling.
+fn reserve_like_first(out: &mut Vec<u8>, start: usize, count: usize) {
+    out.reserve((out.len() - start) * count.saturating_sub(1));
 }
 
 /// Appends `count` copies of one failure, the answer to a batch none of whose tasks could run.
@@ -244,14 +249,12 @@ pub(crate) fn run_packed<T: crate::Task>(
                 }
             }
         };
-        if i == 0 {
-            // Outputs of one type tend to have one size: grow once, not by doubling.
-            let before = out.len();
-            let ok = put_result(&result, out);
-            out.reserve((out.len() - before) * (count - 1));
-            failed += usize::from(!ok);
-        } else if !put_result(&result, out) {
+        let before = out.len();
+        if !put_result(&result, out) {
             failed += 1;
+        }
+        if i == 0 {
+            reserve_like_first(out, before, count);
         }
     }
     failed
