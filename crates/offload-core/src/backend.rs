@@ -12,9 +12,12 @@ use std::sync::Arc;
 use crate::handle::{Shared, Status};
 use crate::{CancelFlag, TaskError, TaskHandle};
 
+#[path = "attach.rs"]
+pub mod attach;
 pub use crate::cancel::EnterGuard;
 pub use crate::packed::{encode_into, pack, pack_failures, unpack_results, WireError};
 pub use crate::unwind::{catch_task_panic, panic_message};
+pub use attach::Fd;
 
 /// Creates a queued task's handle and its completer. `name` is the task's name, for errors.
 pub fn pair<T>(name: &'static str) -> (Completer<T>, TaskHandle<T>) {

@@ -44,6 +44,8 @@ mod handle;
 mod map;
 mod packed;
 mod registry;
+#[cfg(target_os = "linux")]
+mod shm;
 mod task;
 mod unwind;
 mod wait;
@@ -56,6 +58,8 @@ pub use executor::{BatchHandle, Either, Executor};
 pub use handle::TaskHandle;
 pub use map::{Map, MapUnordered};
 pub use registry::{encode, find_task, registered_tasks, LookupError, TaskEntry};
+#[cfg(target_os = "linux")]
+pub use shm::SharedBuf;
 pub use task::Task;
 pub use unwind::catch_task_panic;
 pub use wait::{as_completed, wait, AsCompleted, ReturnWhen, Wait, Waited};

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::attach::{self, Fd};
 use crate::TaskError;
 
 /// Why a worker could not produce a task's output, as it crosses the process boundary.
@@ -130,7 +131,21 @@ pub fn pack_failures(error: &WireError, count: usize, out: &mut Vec<u8>) {
 
 /// Decodes the `count` results of a packed batch of task `name`. Results that are missing or
 /// do not decode become [`TaskError::Serialization`]: each task gets exactly one result.
+///
+/// Values in the outputs find their descriptors in `fds` (see [`attach`]).
 pub fn unpack_results<O: DeserializeOwned>(
+    name: &'static str,
+    bytes: &[u8],
+    fds: &[Fd],
+    count: usize,
+) -> Vec<Result<O, TaskError>> {
+    if fds.is_empty() {
+        return unpack_results_here(name, bytes, count);
+    }
+    attach::providing(fds.to_vec(), || unpack_results_here(name, bytes, count)).0
+}
+
+fn unpack_results_here<O: DeserializeOwned>(
     name: &'static str,
     mut bytes: &[u8],
     count: usize,
@@ -144,7 +159,7 @@ pub fn unpack_results<O: DeserializeOwned>(
             }
             Err(e) => {
                 // Nothing after an undecodable result can be found: the rest fail alike.
-                let error = TaskError::serialization(name, e);
+                let error = TaskError::serialization(name, attach::describe(e));
                 results.resize_with(count, || Err(error.clone()));
             }
         }
@@ -209,11 +224,23 @@ const MAX_STRIDE: usize = 1024;
 
 /// Runs the `count` tasks of type `T` packed in `input`, appending one encoded
 /// `Result<T::Output, WireError>` per task to `out`. Returns how many failed.
+/// Values in the tasks find their descriptors in `fds`; descriptors of values in the outputs
+/// are appended to `out_fds`.
 pub(crate) fn run_packed<T: crate::Task>(
-    mut input: &[u8],
+    input: &[u8],
+    fds: &[Fd],
     count: usize,
     out: &mut Vec<u8>,
+    out_fds: &mut Vec<Fd>,
 ) -> usize {
+    let ((failed, _, _), collected) = attach::collecting(|| {
+        attach::providing(fds.to_vec(), || run_packed_here::<T>(input, count, out))
+    });
+    out_fds.extend(collected);
+    failed
+}
+
+fn run_packed_here<T: crate::Task>(mut input: &[u8], count: usize, out: &mut Vec<u8>) -> usize {
     let mut failed = 0;
     let mut cancelled = false;
     let mut stride = 1;
@@ -238,12 +265,12 @@ pub(crate) fn run_packed<T: crate::Task>(
             match postcard::take_from_bytes::<T>(input) {
                 Ok((task, rest)) => {
                     input = rest;
-                    crate::catch_task_panic(T::NAME, move || task.run())
+                    attach::suspended(|| crate::catch_task_panic(T::NAME, move || task.run()))
                         .map_err(WireError::from_task_error)
                 }
                 Err(e) => {
                     // Where the next task starts is unknown now: the rest fail alike.
-                    let error = WireError::Serialization(e.to_string());
+                    let error = WireError::Serialization(attach::describe(e));
                     pack_failures(&error, count - i, out);
                     return failed + count - i;
                 }
@@ -280,8 +307,11 @@ mod tests {
         let mut input = Vec::new();
         pack(tasks, &mut input).expect("packs");
         let mut output = Vec::new();
-        let failed = run_packed::<Halve>(&input, tasks.len(), &mut output);
-        (unpack_results(Halve::NAME, &output, tasks.len()), failed)
+        let failed = run_packed::<Halve>(&input, &[], tasks.len(), &mut output, &mut Vec::new());
+        (
+            unpack_results(Halve::NAME, &output, &[], tasks.len()),
+            failed,
+        )
     }
 
     #[test]
@@ -309,9 +339,9 @@ mod tests {
     fn garbage_and_short_answers_fail_each_remaining_task() {
         // Input that is not a `Halve` (a varint that never ends) fails every task.
         let mut output = Vec::new();
-        let failed = run_packed::<Halve>(&[0xFF; 3], 4, &mut output);
+        let failed = run_packed::<Halve>(&[0xFF; 3], &[], 4, &mut output, &mut Vec::new());
         assert_eq!(failed, 4);
-        let results = unpack_results::<u32>(Halve::NAME, &output, 4);
+        let results = unpack_results::<u32>(Halve::NAME, &output, &[], 4);
         assert_eq!(results.len(), 4);
         assert!(results
             .iter()
@@ -321,7 +351,7 @@ mod tests {
         let mut two = Vec::new();
         encode_into(&Ok::<u32, WireError>(7), &mut two).unwrap();
         encode_into(&Ok::<u32, WireError>(8), &mut two).unwrap();
-        let results = unpack_results::<u32>(Halve::NAME, &two, 3);
+        let results = unpack_results::<u32>(Halve::NAME, &two, &[], 3);
         assert_eq!(results[..2], [Ok(7), Ok(8)]);
         assert!(matches!(results[2], Err(TaskError::Serialization { .. })));
     }
@@ -387,8 +417,9 @@ mod tests {
         let mut input = Vec::new();
         pack(&tasks, &mut input).unwrap();
         let mut output = Vec::new();
-        let failed = run_packed::<SlowThenCancel>(&input, tasks.len(), &mut output);
-        let results = unpack_results::<()>(SlowThenCancel::NAME, &output, tasks.len());
+        let failed =
+            run_packed::<SlowThenCancel>(&input, &[], tasks.len(), &mut output, &mut Vec::new());
+        let results = unpack_results::<()>(SlowThenCancel::NAME, &output, &[], tasks.len());
         assert_eq!(failed, 99, "tasks 101.. are cancelled");
         assert!(results[..=100].iter().all(Result::is_ok));
         assert!(results[101..]
@@ -400,7 +431,7 @@ mod tests {
     fn failures_of_a_whole_batch_decode_as_any_output_type() {
         let mut out = Vec::new();
         pack_failures(&WireError::UnknownTask("x".into()), 3, &mut out);
-        let results = unpack_results::<String>("x", &out, 3);
+        let results = unpack_results::<String>("x", &out, &[], 3);
         assert!(results
             .iter()
             .all(|r| matches!(r, Err(TaskError::UnknownTask { .. }))));

@@ -7,15 +7,21 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use crate::backend::attach::{self, Fd};
 use crate::{catch_task_panic, Task, TaskError};
 
 /// A registered task type: its name and a type-erased way to run it on serialized input.
 #[derive(Debug)]
 pub struct TaskEntry {
     name: &'static str,
-    invoke: fn(&[u8]) -> Result<Vec<u8>, TaskError>,
-    run_packed: fn(&[u8], usize, &mut Vec<u8>) -> usize,
+    invoke: InvokeFn,
+    run_packed: RunPackedFn,
 }
+
+/// Encoded bytes and the descriptors that travel beside them.
+type Encoded = (Vec<u8>, Vec<Fd>);
+type InvokeFn = fn(&[u8], &[Fd]) -> Result<Encoded, TaskError>;
+type RunPackedFn = fn(&[u8], &[Fd], usize, &mut Vec<u8>, &mut Vec<Fd>) -> usize;
 
 inventory::collect!(TaskEntry);
 
@@ -36,13 +42,15 @@ impl TaskEntry {
     }
 
     /// Decodes a task from `input` (postcard), runs it, and returns its encoded output.
+    /// Values in the task that travel beside the bytes (see [`attach`]) find their
+    /// descriptors in `fds`; the output's such descriptors are returned beside its bytes.
     ///
     /// # Errors
     ///
     /// [`TaskError::Serialization`] when the input does not decode as this task or the output
     /// does not encode; [`TaskError::Panicked`] when the task panics.
-    pub fn invoke(&self, input: &[u8]) -> Result<Vec<u8>, TaskError> {
-        (self.invoke)(input)
+    pub fn invoke(&self, input: &[u8], fds: &[Fd]) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
+        (self.invoke)(input, fds)
     }
 
     /// Runs a packed batch: `count` tasks encoded back to back in `input` (see
@@ -51,15 +59,27 @@ impl TaskEntry {
     /// fails its own task; input that stops decoding fails the rest), and returns how many
     /// failed. Checks [`is_cancelled`](crate::is_cancelled) as it goes: tasks after a cancel
     /// fail with [`WireError::Cancelled`](crate::backend::WireError::Cancelled).
-    pub fn run_packed(&self, input: &[u8], count: usize, output: &mut Vec<u8>) -> usize {
-        (self.run_packed)(input, count, output)
+    ///
+    /// Descriptors work as in [`invoke`](Self::invoke): the tasks' in `fds`, the outputs'
+    /// appended to `output_fds`.
+    pub fn run_packed(
+        &self,
+        input: &[u8],
+        fds: &[Fd],
+        count: usize,
+        output: &mut Vec<u8>,
+        output_fds: &mut Vec<Fd>,
+    ) -> usize {
+        (self.run_packed)(input, fds, count, output, output_fds)
     }
 }
 
-fn invoke<T: Task>(input: &[u8]) -> Result<Vec<u8>, TaskError> {
-    let task: T = postcard::from_bytes(input).map_err(|e| TaskError::serialization(T::NAME, e))?;
+fn invoke<T: Task>(input: &[u8], fds: &[Fd]) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
+    let task: T =
+        attach::decode_with_fds(input, fds).map_err(|e| TaskError::serialization(T::NAME, e))?;
+    // No list is collected or provided while the task runs: its own serialization is its own.
     let output = catch_task_panic(T::NAME, move || task.run())?;
-    encode(&output).map_err(|e| TaskError::serialization(T::NAME, e))
+    attach::encode_with_fds(&output).map_err(|e| TaskError::serialization(T::NAME, e))
 }
 
 /// Encodes `value` with postcard, the format of every task and output on the wire.
@@ -207,19 +227,20 @@ mod tests {
         let entry = find_task(Double::NAME).expect("registered");
         assert_eq!(entry.name(), Double::NAME);
         let input = postcard::to_stdvec(&Double(21)).expect("encode");
-        let output = entry.invoke(&input).expect("runs");
+        let (output, fds) = entry.invoke(&input, &[]).expect("runs");
         assert_eq!(postcard::from_bytes::<u32>(&output).expect("decode"), 42);
+        assert!(fds.is_empty());
         assert!(registered_tasks().any(|e| e.name() == Double::NAME));
     }
 
     #[test]
     fn bad_input_and_panics_are_errors() {
         let entry = find_task(Double::NAME).expect("registered");
-        let err = entry.invoke(&[]).unwrap_err();
+        let err = entry.invoke(&[], &[]).unwrap_err();
         assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
         let input = postcard::to_stdvec(&Double(13)).expect("encode");
         assert_eq!(
-            entry.invoke(&input).unwrap_err().panic_message(),
+            entry.invoke(&input, &[]).unwrap_err().panic_message(),
             Some("unlucky")
         );
     }

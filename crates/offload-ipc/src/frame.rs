@@ -6,6 +6,7 @@
 //! the buffer grows only as bytes actually arrive, so a peer that *claims* a huge frame costs
 //! nothing until it sends the bytes.
 
+use offload_core::backend::attach::{self, Fd};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Bytes of the length prefix.
@@ -43,6 +44,12 @@ pub enum FrameError {
     /// A message could not be serialized.
     #[error("could not encode a message: {0}")]
     Encode(String),
+    /// The peer sent more file descriptors than its frames refer to.
+    #[error("{count} file descriptors received that no message refers to")]
+    TooManyFds {
+        /// How many are queued.
+        count: usize,
+    },
     /// The peer closed the connection in the middle of a frame.
     #[error("connection closed in the middle of a frame ({have} of {want} bytes received)")]
     Truncated {
@@ -58,15 +65,42 @@ pub enum FrameError {
 /// # Errors
 ///
 /// [`FrameError::TooLarge`] when the encoding is over `max` (nothing is appended), or
-/// [`FrameError::Encode`].
+/// [`FrameError::Encode`], which includes a message that holds file descriptors (those need
+/// [`encode_with_fds`]).
 pub fn encode<M: Serialize + ?Sized>(
     message: &M,
     out: &mut Vec<u8>,
     max: usize,
 ) -> Result<(), FrameError> {
     let start = out.len();
+    let mut fds = Vec::new();
+    encode_with_fds(message, out, &mut fds, max)?;
+    if !fds.is_empty() {
+        out.truncate(start);
+        return Err(FrameError::Encode(
+            "the message holds file descriptors, which this write cannot carry".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Like [`encode`], and the file descriptors the message's values hand over are appended to
+/// `fds`, to be sent with the frame's bytes ([`fdpass`](crate::fdpass)).
+///
+/// # Errors
+///
+/// As for [`encode`]; on error nothing is appended to either.
+pub fn encode_with_fds<M: Serialize + ?Sized>(
+    message: &M,
+    out: &mut Vec<u8>,
+    fds: &mut Vec<Fd>,
+    max: usize,
+) -> Result<(), FrameError> {
+    let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    if let Err(e) = offload_core::backend::encode_into(message, out) {
+    let (encoded, collected) =
+        attach::collecting(|| offload_core::backend::encode_into(message, out));
+    if let Err(e) = encoded {
         out.truncate(start);
         return Err(FrameError::Encode(e));
     }
@@ -79,8 +113,13 @@ pub fn encode<M: Serialize + ?Sized>(
         }
     };
     out[start..start + HEADER_LEN].copy_from_slice(&prefix.to_le_bytes());
+    fds.extend(collected);
     Ok(())
 }
+
+/// The most file descriptors a decoder holds for frames not yet complete: more means a
+/// broken peer.
+const MAX_QUEUED_FDS: usize = 4096;
 
 /// Reassembles frames from a byte stream.
 ///
@@ -100,6 +139,8 @@ pub fn encode<M: Serialize + ?Sized>(
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Descriptors received and not yet taken by a frame, in arrival order.
+    fds: Vec<Fd>,
     /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
     end: usize,
@@ -111,6 +152,7 @@ impl FrameDecoder {
     pub fn new(max: usize) -> Self {
         FrameDecoder {
             buf: Vec::new(),
+            fds: Vec::new(),
             start: 0,
             end: 0,
             max,
@@ -166,6 +208,25 @@ impl FrameDecoder {
         self.end = (self.end + n).min(self.buf.len());
     }
 
+    /// Queues descriptors that arrived with the bytes of the last read, for the frames that
+    /// refer to them.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooManyFds`] when more are waiting than any honest peer would send.
+    pub fn received_fds(
+        &mut self,
+        fds: impl IntoIterator<Item = std::os::fd::OwnedFd>,
+    ) -> Result<(), FrameError> {
+        self.fds.extend(fds.into_iter().map(Fd::new));
+        if self.fds.len() > MAX_QUEUED_FDS {
+            return Err(FrameError::TooManyFds {
+                count: self.fds.len(),
+            });
+        }
+        Ok(())
+    }
+
     /// The next complete frame's body, if one is buffered.
     ///
     /// # Errors
@@ -195,15 +256,26 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`], or [`FrameError::Malformed`] when the bytes are not an `M`.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
-        match self.next_frame()? {
-            None => Ok(None),
-            Some(body) => postcard::from_bytes(body)
-                .map(Some)
-                .map_err(|e| FrameError::Malformed {
-                    len: body.len(),
-                    reason: e.to_string(),
-                }),
-        }
+        let mut fds = std::mem::take(&mut self.fds);
+        let Some(body) = self.next_frame()? else {
+            self.fds = fds;
+            return Ok(None);
+        };
+        let len = body.len();
+        let decoded = if fds.is_empty() {
+            postcard::from_bytes(body)
+        } else {
+            // The frame's descriptors are the first ones queued; it says how many it took.
+            let (decoded, rest, used) = attach::providing(fds, || postcard::from_bytes(body));
+            fds = rest;
+            fds.drain(..used);
+            decoded
+        };
+        self.fds = fds;
+        decoded.map(Some).map_err(|e| FrameError::Malformed {
+            len,
+            reason: attach::describe(e),
+        })
     }
 
     /// Call at end of stream: an error if a frame was cut short.

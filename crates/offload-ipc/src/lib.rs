@@ -1,5 +1,6 @@
 //! offload's interprocess runtime, shared by pools and their worker processes.
 //!
+//! - [`fdpass`]: file descriptors beside a frame's bytes (`SCM_RIGHTS`).
 //! - [`frame`]: length-prefixed postcard frames with a size limit checked before allocation.
 //! - [`protocol`]: every message between a pool and its workers.
 //! - [`handshake`]: token, protocol-version and build checks.
@@ -9,6 +10,7 @@
 //! The task registry lives in `offload-core`; the async parent side in `offload-process`.
 //! Users do not depend on this crate directly.
 
+pub mod fdpass;
 pub mod frame;
 pub mod handshake;
 mod log_forward;

@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
+use offload_core::backend::attach::{self, Fd};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -25,14 +26,19 @@ pub fn build_id() -> String {
 }
 
 /// An encoded task or output: bytes that postcard writes as one length and a copy, not
-/// element by element.
+/// element by element, and the file descriptors of values in it that travel beside the bytes
+/// (a [`SharedBuf`](offload_core::SharedBuf)'s memory; see [`offload_core::backend::attach`]).
 ///
 /// Owned by default (what a worker decodes and produces: no extra allocation). The pool
 /// makes its payloads [`shared`](Blob::shared), so it can keep a request's bytes until the
 /// request completes (to run it again if its worker is replaced) and still send them
 /// without a copy.
 #[derive(Clone, Default)]
-pub struct Blob(Repr);
+pub struct Blob {
+    bytes: Repr,
+    /// `None` for most blobs; shared by clones (a job keeps its request to send it again).
+    fds: Option<Arc<[Fd]>>,
+}
 
 #[derive(Clone)]
 enum Repr {
@@ -49,20 +55,37 @@ impl Default for Repr {
 impl Blob {
     /// Wraps encoded bytes; cloning copies them.
     pub fn new(bytes: Vec<u8>) -> Self {
-        Blob(Repr::Owned(bytes))
+        Blob {
+            bytes: Repr::Owned(bytes),
+            fds: None,
+        }
     }
 
     /// Wraps encoded bytes to be shared; cloning only counts a reference.
     pub fn shared(bytes: Vec<u8>) -> Self {
-        Blob(Repr::Shared(Arc::new(bytes)))
+        Blob {
+            bytes: Repr::Shared(Arc::new(bytes)),
+            fds: None,
+        }
+    }
+
+    /// The same bytes, with the descriptors their values refer to (index 0 first).
+    pub fn with_fds(mut self, fds: Vec<Fd>) -> Self {
+        self.fds = (!fds.is_empty()).then(|| Arc::from(fds));
+        self
     }
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        match &self.0 {
+        match &self.bytes {
             Repr::Owned(v) => v,
             Repr::Shared(v) => v,
         }
+    }
+
+    /// The descriptors that travel with the bytes.
+    pub fn fds(&self) -> &[Fd] {
+        self.fds.as_deref().unwrap_or(&[])
     }
 
     /// Number of bytes.
@@ -78,7 +101,7 @@ impl Blob {
 
 impl PartialEq for Blob {
     fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
+        self.as_bytes() == other.as_bytes() && self.fds().len() == other.fds().len()
     }
 }
 
@@ -87,13 +110,34 @@ impl Eq for Blob {}
 impl std::fmt::Debug for Blob {
     // Never log payloads: only their size.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Blob({} bytes)", self.len())
+        match self.fds().len() {
+            0 => write!(f, "Blob({} bytes)", self.len()),
+            fds => write!(f, "Blob({} bytes, {fds} fds)", self.len()),
+        }
     }
 }
 
+// On the wire: the index of the blob's first descriptor in the frame's list, how many it has,
+// and the bytes. The descriptors themselves go beside the frame (see `crate::fdpass`).
 impl Serialize for Blob {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.as_bytes())
+        use serde::ser::{Error, SerializeTuple};
+        let mut first = 0;
+        for (i, fd) in self.fds().iter().enumerate() {
+            let index = attach::push(fd).ok_or_else(|| {
+                S::Error::custom("file descriptors can only be sent over a pool's connection")
+            })?;
+            if i == 0 {
+                first = index;
+            }
+        }
+        let count = u32::try_from(self.fds().len())
+            .map_err(|_| S::Error::custom("too many file descriptors in one message"))?;
+        let mut tuple = s.serialize_tuple(3)?;
+        tuple.serialize_element(&first)?;
+        tuple.serialize_element(&count)?;
+        tuple.serialize_element(&BytesRef(self.as_bytes()))?;
+        tuple.end()
     }
 }
 
@@ -103,13 +147,54 @@ impl<'de> Deserialize<'de> for Blob {
         impl<'de> serde::de::Visitor<'de> for Visitor {
             type Value = Blob;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a blob: first descriptor, descriptor count, bytes")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Blob, A::Error> {
+                use serde::de::Error;
+                let missing = || A::Error::custom("a blob is cut short");
+                let first: u32 = seq.next_element()?.ok_or_else(missing)?;
+                let count: u32 = seq.next_element()?.ok_or_else(missing)?;
+                let ByteBuf(bytes) = seq.next_element()?.ok_or_else(missing)?;
+                let fds = (0..count)
+                    .map(|i| {
+                        first.checked_add(i).and_then(attach::get).ok_or_else(|| {
+                            A::Error::custom(attach::decode_failed(format!(
+                                "a message refers to {count} file descriptors that did not \
+                                 arrive with it"
+                            )))
+                        })
+                    })
+                    .collect::<Result<Vec<Fd>, A::Error>>()?;
+                Ok(Blob::new(bytes).with_fds(fds))
+            }
+        }
+        d.deserialize_tuple(3, Visitor)
+    }
+}
+
+struct BytesRef<'a>(&'a [u8]);
+
+impl Serialize for BytesRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct ByteBuf(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ByteBuf {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteBuf;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("bytes")
             }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
-                Ok(Blob::new(v.to_vec()))
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v.to_vec()))
             }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
-                Ok(Blob::new(v))
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
+                Ok(ByteBuf(v))
             }
         }
         d.deserialize_byte_buf(Visitor)
@@ -248,8 +333,11 @@ mod tests {
             input: Blob::new(vec![9; 1000]),
         };
         let bytes = postcard::to_stdvec(&run).unwrap();
-        assert!(
-            bytes.len() < 1010,
+        // Variant, id, name (1 + 4), then the blob: first descriptor, descriptor count,
+        // length (2), and the bytes as one copy.
+        assert_eq!(
+            bytes.len(),
+            1 + 1 + 5 + 1 + 1 + 2 + 1000,
             "a blob costs its length plus a few bytes"
         );
         assert_eq!(postcard::from_bytes::<ToWorker>(&bytes).unwrap(), run);

@@ -10,14 +10,16 @@ mod reader;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, Stream};
-use offload_core::backend;
+use offload_core::backend::{self, Fd};
 use offload_core::{find_task, CancelFlag};
 
+use crate::fdpass;
 use crate::frame::{self, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
@@ -254,12 +256,13 @@ fn run_request(request: Request, flag: &CancelFlag, poll: fn()) -> ToParent {
             ..
         } => {
             let mut outputs = Vec::new();
-            let failed = run_batch(&task, count as usize, &inputs, &mut outputs);
+            let mut fds = Vec::new();
+            let failed = run_batch(&task, count as usize, &inputs, &mut outputs, &mut fds);
             ToParent::BatchDone {
                 id,
                 count,
                 failed: u32::try_from(failed).unwrap_or(u32::MAX),
-                outputs: Blob::new(outputs),
+                outputs: Blob::new(outputs).with_fds(fds),
             }
         }
     }
@@ -272,15 +275,22 @@ fn run_one(task: &str, input: &Blob) -> Result<Blob, WireError> {
     }
     let entry = find_task(task).map_err(|e| WireError::UnknownTask(e.to_string()))?;
     entry
-        .invoke(input.as_bytes())
-        .map(Blob::new)
+        .invoke(input.as_bytes(), input.fds())
+        .map(|(bytes, fds)| Blob::new(bytes).with_fds(fds))
         .map_err(WireError::from_task_error)
 }
 
-/// Runs a packed batch of `count` tasks into `outputs`; returns how many failed.
-fn run_batch(task: &str, count: usize, inputs: &Blob, outputs: &mut Vec<u8>) -> usize {
+/// Runs a packed batch of `count` tasks into `outputs` (descriptors into `fds`); returns how
+/// many failed.
+fn run_batch(
+    task: &str,
+    count: usize,
+    inputs: &Blob,
+    outputs: &mut Vec<u8>,
+    fds: &mut Vec<Fd>,
+) -> usize {
     match find_task(task) {
-        Ok(entry) => entry.run_packed(inputs.as_bytes(), count, outputs),
+        Ok(entry) => entry.run_packed(inputs.as_bytes(), inputs.fds(), count, outputs, fds),
         Err(e) => {
             backend::pack_failures(&WireError::UnknownTask(e.to_string()), count, outputs);
             count
@@ -296,6 +306,8 @@ pub(crate) struct Outbox {
 struct OutboxInner {
     send: &'static Stream,
     buf: Vec<u8>,
+    /// Descriptors to send with `buf`.
+    fds: Vec<Fd>,
     max_frame: usize,
 }
 
@@ -305,6 +317,7 @@ impl Outbox {
             inner: Mutex::new(OutboxInner {
                 send,
                 buf: Vec::with_capacity(KEEP_BUFFER),
+                fds: Vec::new(),
                 max_frame,
             }),
         }
@@ -320,7 +333,10 @@ impl Outbox {
         let mut inner = lock(&self.inner);
         let inner = &mut *inner;
         inner.buf.clear();
-        if let Err(e) = frame::encode(&message, &mut inner.buf, inner.max_frame) {
+        inner.fds.clear();
+        if let Err(e) =
+            frame::encode_with_fds(&message, &mut inner.buf, &mut inner.fds, inner.max_frame)
+        {
             let failed = match message {
                 ToParent::Done { id, .. } => ToParent::Done {
                     id,
@@ -360,11 +376,18 @@ impl Outbox {
 
 /// Writes the encoded buffer. A failed write means the parent is gone: the worker exits.
 fn write_or_exit(inner: &mut OutboxInner) {
-    let mut send = inner.send;
-    if send.write_all(&inner.buf).is_err() {
+    let Stream::UdSocket(socket) = inner.send;
+    let written = if inner.fds.is_empty() {
+        let mut send = inner.send;
+        send.write_all(&inner.buf)
+    } else {
+        fdpass::send_all(socket.as_fd().as_raw_fd(), &inner.buf, &inner.fds)
+    };
+    if written.is_err() {
         std::process::exit(exit_code::DONE);
     }
     inner.buf.clear();
+    inner.fds.clear();
     // One large result must not keep its buffer for the worker's whole life.
     inner.buf.shrink_to(KEEP_BUFFER);
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::{prelude::*, Stream};
+use offload_core::backend::Fd;
 use offload_ipc::frame::{self, FrameDecoder, FrameError};
 use offload_ipc::handshake::{check_hello, HandshakeError};
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
@@ -201,7 +202,7 @@ fn parent_log_level() -> u8 {
 async fn write_one(stream: &Socket, message: &ToWorker) -> std::io::Result<()> {
     let mut buf = Vec::new();
     frame::encode(message, &mut buf, usize::MAX).map_err(std::io::Error::other)?;
-    stream.write_all(&buf).await
+    stream.write_all(&buf, &[]).await
 }
 
 /// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
@@ -215,37 +216,39 @@ async fn write_loop(
     pid: u32,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut fds = Vec::new();
     while let Some(message) = outgoing.recv().await {
         buf.clear();
-        encode(&message, &mut buf, max_frame, pid);
+        fds.clear();
+        encode(&message, &mut buf, &mut fds, max_frame, pid);
         let mut count = 1;
         while buf.len() < WRITE_BATCH {
             match outgoing.try_recv() {
                 Ok(message) => {
-                    encode(&message, &mut buf, max_frame, pid);
+                    encode(&message, &mut buf, &mut fds, max_frame, pid);
                     count += 1;
                 }
                 Err(_) => break,
             }
         }
         lane.wait_for_caller();
-        if stream.write_all(&buf).await.is_err() {
+        if stream.write_all(&buf, &fds).await.is_err() {
             return;
         }
         lane.unwritten.fetch_sub(count, Ordering::AcqRel);
     }
 }
 
-fn encode(message: &ToWorker, buf: &mut Vec<u8>, max_frame: usize, pid: u32) {
+fn encode(message: &ToWorker, buf: &mut Vec<u8>, fds: &mut Vec<Fd>, max_frame: usize, pid: u32) {
     // Sizes are checked at submit, so this only fails on a bug; the request then fails when
     // the worker is replaced, rather than hanging.
-    if let Err(e) = frame::encode(message, buf, max_frame) {
+    if let Err(e) = frame::encode_with_fds(message, buf, fds, max_frame) {
         tracing::error!(worker.pid = pid, "could not encode a request: {e}");
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ReadError {
+pub(crate) enum ReadError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -263,7 +266,7 @@ impl Reader {
             if let Some(message) = self.decoder.next_message()? {
                 return Ok(Some(message));
             }
-            let n = self.stream.read(self.decoder.read_buf()).await?;
+            let n = self.stream.read(&mut self.decoder).await?;
             if n == 0 {
                 self.decoder.finish()?;
                 return Ok(None);

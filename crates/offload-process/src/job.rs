@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use offload_core::backend::unpack_results;
 use offload_core::backend::Completer;
+use offload_core::backend::{attach, unpack_results};
 use offload_core::{TaskError, TaskHandle};
 use offload_ipc::protocol::{Blob, ToWorker, WireError};
 use serde::de::DeserializeOwned;
@@ -142,9 +142,8 @@ fn decode<T: DeserializeOwned>(
     output: Result<Blob, WireError>,
 ) -> Result<T, TaskError> {
     match output {
-        Ok(blob) => {
-            postcard::from_bytes(blob.as_bytes()).map_err(|e| TaskError::serialization(name, e))
-        }
+        Ok(blob) => attach::decode_with_fds(blob.as_bytes(), blob.fds())
+            .map_err(|e| TaskError::serialization(name, e)),
         Err(e) => Err(e.into_task_error(name)),
     }
 }
@@ -183,7 +182,12 @@ impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
         let result = match outcome {
             // The worker answers with as many results as it was given tasks; should it not,
             // the missing ones become errors.
-            Outcome::Batch { outputs, .. } => Ok(unpack_results(name, outputs.as_bytes(), self.1)),
+            Outcome::Batch { outputs, .. } => Ok(unpack_results(
+                name,
+                outputs.as_bytes(),
+                outputs.fds(),
+                self.1,
+            )),
             Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::One(_) => Err(TaskError::serialization(name, "a single answer to a batch")),
         };

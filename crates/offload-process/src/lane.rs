@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use offload_core::backend::Fd;
+use offload_ipc::fdpass;
+
 use crate::job::Job;
 
 /// Requests larger than this go through the reactor, which writes without blocking anyone.
@@ -44,9 +47,13 @@ impl Lanes {
 
     /// Writes `frame`, the request of `job`, to an idle worker, and leaves the job in its
     /// lane. Gives the job back when no lane is open.
-    pub(crate) fn send(&self, job: Job, frame: &[u8]) -> Result<Sent, Job> {
+    /// `fds` go with the frame's first bytes.
+    pub(crate) fn send(&self, job: Job, frame: &[u8], fds: &[Fd]) -> Result<Sent, Job> {
+        if fds.len() > fdpass::MAX_FDS_PER_SEND {
+            return Err(job);
+        }
         let lane = self.claim(job)?;
-        let written = write_all(&lane.fd, frame);
+        let written = write_all(&lane.fd, frame, fds);
         lane.writing.store(false, Ordering::Release);
         if matches!(written, Written::All) {
             Ok(Sent::Written)
@@ -205,31 +212,21 @@ const PARTIAL_WAITS: u32 = 10;
 /// reactor), and an idle worker's socket has room for a whole [`DIRECT_MAX`] frame; if it has
 /// not, the write waits for room in `poll` (the worker is idle, so it is reading), a bounded
 /// time.
-fn write_all(fd: &OwnedFd, frame: &[u8]) -> Written {
+fn write_all(fd: &OwnedFd, frame: &[u8], mut fds: &[Fd]) -> Written {
     let mut done = 0;
     let mut waits = 0;
     while done < frame.len() {
-        let rest = &frame[done..];
-        // SAFETY: send reads at most `rest.len()` bytes from `rest`, a live slice; the flags
-        // make it non-blocking and keep a closed peer from raising SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                rest.as_ptr().cast(),
-                rest.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        match usize::try_from(n) {
-            Ok(n) => done += n,
-            Err(_) => match std::io::Error::last_os_error().kind() {
-                std::io::ErrorKind::Interrupted => {}
-                std::io::ErrorKind::WouldBlock if waits < PARTIAL_WAITS => {
-                    waits += 1;
-                    wait_writable(fd);
-                }
-                _ => return Written::Failed,
-            },
+        // Non-blocking; the descriptors go with the first bytes written.
+        match fdpass::send(fd.as_raw_fd(), &frame[done..], fds, libc::MSG_DONTWAIT) {
+            Ok(n) => {
+                done += n;
+                fds = &[];
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && waits < PARTIAL_WAITS => {
+                waits += 1;
+                wait_writable(fd);
+            }
+            Err(_) => return Written::Failed,
         }
     }
     Written::All

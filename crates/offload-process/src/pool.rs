@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use offload_core::backend::{attach, Fd};
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 use offload_ipc::frame;
 use offload_ipc::protocol::Blob;
@@ -21,8 +22,10 @@ use crate::ProcessPoolBuilder;
 const REQUEST_OVERHEAD: usize = 1024;
 
 thread_local! {
-    /// Where a caller encodes a request it writes to a worker itself.
-    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Where a caller encodes a request it writes to a worker itself, and the descriptors
+    /// that go with it.
+    static FRAME: std::cell::RefCell<(Vec<u8>, Vec<Fd>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A pool of worker processes that run [tasks](Task).
@@ -147,7 +150,7 @@ impl ProcessPool {
         }
         let input = match self.encode(&task) {
             // Shared: the job keeps it while it runs, and sending it must not copy it.
-            Ok(input) => Blob::shared(input),
+            Ok((input, fds)) => Blob::shared(input).with_fds(fds),
             Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
         };
         let id = self.next_id();
@@ -175,14 +178,17 @@ impl ProcessPool {
             return Err(job);
         }
         let message = job.request();
-        FRAME.with_borrow_mut(|frame| {
+        FRAME.with_borrow_mut(|(frame, fds)| {
             frame.clear();
-            if frame::encode(&message, frame, self.inner.max_frame).is_err() {
+            fds.clear();
+            if frame::encode_with_fds(&message, frame, fds, self.inner.max_frame).is_err() {
                 return Err(job);
             }
             // Started here: it cannot have been cancelled yet, nobody else has its handle.
             job.reply.start();
-            self.inner.lanes.send(job, frame)
+            let sent = self.inner.lanes.send(job, frame, fds);
+            fds.clear();
+            sent
         })
     }
 
@@ -242,8 +248,10 @@ impl ProcessPool {
         let _ = self.inner.commands.send(Command::Submit(job));
     }
 
-    fn encode<T: Task>(&self, task: &T) -> Result<Vec<u8>, TaskError> {
-        let bytes = offload_core::encode(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
+    /// Encodes a task, with the descriptors of values in it that travel beside the bytes.
+    fn encode<T: Task>(&self, task: &T) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
+        let (bytes, fds) =
+            attach::encode_with_fds(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
         if bytes.len() > limit {
             return Err(TaskError::serialization(
@@ -255,7 +263,7 @@ impl ProcessPool {
                 ),
             ));
         }
-        Ok(bytes)
+        Ok((bytes, fds))
     }
 }
 
@@ -280,7 +288,8 @@ impl Executor for ProcessPool {
         };
         // One buffer for the whole batch: no allocation per task on either side.
         let mut inputs = Vec::new();
-        if let Err(e) = offload_core::backend::pack(&tasks, &mut inputs) {
+        let (packed, fds) = attach::collecting(|| offload_core::backend::pack(&tasks, &mut inputs));
+        if let Err(e) = packed {
             return Ok(TaskHandle::ready(
                 T::NAME,
                 Err(TaskError::serialization(T::NAME, e)),
@@ -303,7 +312,7 @@ impl Executor for ProcessPool {
             id,
             T::NAME,
             count,
-            Blob::shared(inputs),
+            Blob::shared(inputs).with_fds(fds),
             self.inner.defaults,
             self.canceller(id),
         );

@@ -6,13 +6,17 @@
 //! again. Here the socket is registered for reading alone; a write that finds the socket full
 //! (rare: large payloads, floods) registers a duplicate for writing just while it waits.
 
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use interprocess::local_socket::tokio::Stream;
+use offload_core::backend::Fd;
+use offload_ipc::fdpass;
+use offload_ipc::frame::FrameDecoder;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+
+use crate::connection::ReadError;
 
 pub(crate) struct Socket {
     fd: AsyncFd<UnixStream>,
@@ -32,23 +36,39 @@ impl Socket {
         self.fd.get_ref()
     }
 
-    /// Reads what is there, waiting for something if need be; 0 at the end of the stream.
-    pub(crate) async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
+    /// Reads what is there into `decoder`, waiting for something if need be; 0 at the end of
+    /// the stream. Descriptors that arrive with the bytes are queued in the decoder.
+    pub(crate) async fn read(&self, decoder: &mut FrameDecoder) -> Result<usize, ReadError> {
+        let mut fds = Vec::new();
+        let n = loop {
             let mut ready = self.fd.readable().await?;
-            match ready.try_io(|socket| socket.get_ref().read(buf)) {
-                Ok(result) => return result,
+            let socket = ready.get_inner().as_raw_fd();
+            match ready.try_io(|_| fdpass::recv(socket, decoder.read_buf(), &mut fds, 0)) {
+                Ok(result) => break result?,
                 Err(_would_block) => continue,
             }
-        }
+        };
+        decoder.received_fds(fds)?;
+        Ok(n)
     }
 
-    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+    /// Writes all of `buf`; `fds` go with its first bytes (at most
+    /// [`MAX_FDS_PER_SEND`](fdpass::MAX_FDS_PER_SEND) with each byte sent, as
+    /// [`fdpass::send_all`] does).
+    pub(crate) async fn write_all(&self, mut buf: &[u8], fds: &[Fd]) -> std::io::Result<()> {
+        let socket = self.fd.get_ref().as_raw_fd();
+        let mut groups = fds.chunks(fdpass::MAX_FDS_PER_SEND).peekable();
         while !buf.is_empty() {
-            match self.fd.get_ref().write(buf) {
+            let group = groups.peek().copied().unwrap_or(&[]);
+            let take = if groups.len() > 1 { 1 } else { buf.len() };
+            match fdpass::send(socket, &buf[..take], group, libc::MSG_DONTWAIT) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Ok(n) => {
+                    buf = &buf[n..];
+                    if !group.is_empty() {
+                        groups.next();
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) => return Err(e),
             }

@@ -105,6 +105,37 @@
 //! }
 //! ```
 //!
+//! # Large data: [`SharedBuf`]
+//!
+//! Task arguments and outputs cross to a worker process through its socket, copied on the
+//! way. For megabytes, put the bytes in a [`SharedBuf`] (Linux): the worker maps the same
+//! shared memory, so the task receives them, may change them in place and return them,
+//! without a copy in either direction.
+//!
+//! ```
+//! use offload::prelude::*;
+//! use offload::SharedBuf;
+//!
+//! /// Turns every byte upside down, in place, and hands the buffer back.
+//! #[offload::task]
+//! fn invert(mut data: SharedBuf) -> SharedBuf {
+//!     data.iter_mut().for_each(|b| *b = !*b);
+//!     data
+//! }
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     offload::init();
+//!
+//!     let mut data = SharedBuf::new(8 << 20)?; // 8 MiB, zero-filled
+//!     data[0] = 0x0F;
+//!     let pool = offload::ProcessPool::builder().workers(1).build()?;
+//!     let back = pool.submit(Invert { data }).wait()?;
+//!     assert_eq!((back[0], back[1], back.len()), (0xF0, 0xFF, 8 << 20));
+//!     pool.join();
+//!     Ok(())
+//! }
+//! ```
+//!
 //! # Features
 //!
 //! - `thread` (default): [`ThreadPool`].
@@ -116,6 +147,9 @@ pub use offload_core::{
     BatchHandle, CancelFlag, Either, Executor, LookupError, Map, MapUnordered, ReturnWhen,
     SubmitError, Task, TaskEntry, TaskError, TaskHandle, Wait, Waited,
 };
+
+#[cfg(target_os = "linux")]
+pub use offload_core::SharedBuf;
 
 /// For implementing an executor of your own.
 pub use offload_core::backend;

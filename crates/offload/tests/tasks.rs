@@ -42,11 +42,12 @@ fn the_task_type_is_named_after_the_function_and_registered_under_a_stable_name(
     }
     // The registry runs a task from its bytes, as a worker process will.
     let input = postcard_bytes(&CountPrimes { lo: 0, hi: 100 });
-    let output = offload::find_task(CountPrimes::NAME)
+    let (output, fds) = offload::find_task(CountPrimes::NAME)
         .unwrap()
-        .invoke(&input)
+        .invoke(&input, &[])
         .unwrap();
     assert_eq!(output, postcard_bytes(&25u64));
+    assert!(fds.is_empty(), "a number travels without descriptors");
 }
 
 /// The registry speaks postcard, as the process transport will.

@@ -6,13 +6,13 @@
 //! blocked read does not filter by event); one waiting in `poll` is woken for input only. That
 //! is one wake-up less per request.
 
-use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use interprocess::local_socket::Stream;
 
 use super::{exit_code, WorkerExit};
+use crate::fdpass;
 use crate::frame::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME};
 use crate::protocol::ToWorker;
 
@@ -54,16 +54,12 @@ impl Reader {
             {
                 return Ok(Some(message));
             }
-            let n = match self.recv.read(self.decoder.read_buf()) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // A reset is how a dead parent looks from here: as final as an EOF.
-                Err(_) => 0,
-            };
-            if n == 0 {
-                return self.finish().map(|()| None);
+            // Blocking: this is the handshake, before anything else runs.
+            match self.read(0) {
+                Read1::Bytes(n) => self.decoder.filled(n),
+                Read1::Nothing => {}
+                Read1::Closed => return self.finish().map(|()| None),
             }
-            self.decoder.filled(n);
         }
     }
 
@@ -138,27 +134,23 @@ impl Reader {
 
     /// One read that does not block.
     fn try_read(&mut self) -> Read1 {
+        self.read(libc::MSG_DONTWAIT)
+    }
+
+    /// One read (with `flags`), and the descriptors that came with it queued in the decoder.
+    fn read(&mut self, flags: libc::c_int) -> Read1 {
         let fd = self.fd();
-        let buf = self.decoder.read_buf();
-        loop {
-            // SAFETY: recv writes at most `buf.len()` bytes into `buf`, a live, exclusively
-            // borrowed slice; MSG_DONTWAIT makes this one call non-blocking without changing
-            // the descriptor's flags.
-            let n =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if let Ok(n) = usize::try_from(n) {
-                return if n == 0 {
-                    Read1::Closed
-                } else {
-                    Read1::Bytes(n)
-                };
-            }
-            match std::io::Error::last_os_error().kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => return Read1::Nothing,
-                // A reset is how a dead parent looks from here: as final as an EOF.
-                _ => return Read1::Closed,
-            }
+        let mut fds = Vec::new();
+        let read = fdpass::recv(fd, self.decoder.read_buf(), &mut fds, flags);
+        if self.decoder.received_fds(fds).is_err() {
+            return Read1::Closed;
+        }
+        match read {
+            Ok(0) => Read1::Closed,
+            Ok(n) => Read1::Bytes(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read1::Nothing,
+            // A reset is how a dead parent looks from here: as final as an EOF.
+            Err(_) => Read1::Closed,
         }
     }
 

@@ -1,0 +1,260 @@
+//! `SharedBuf` through a `ProcessPool`: shared memory that crosses to a worker as a file
+//! descriptor beside the request, on real processes and real sockets.
+//!
+//! `harness = false`, like `process_pool`: workers re-execute this binary.
+
+#![allow(clippy::unwrap_used)] // a test fails loudly by design
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use futures::StreamExt;
+use offload_core::{register_task, Executor, SharedBuf, Task, TaskError, TaskHandle};
+use offload_process::{ProcessPool, TaskOptions};
+use serde::{Deserialize, Serialize};
+
+const LIMIT: Duration = Duration::from_secs(30);
+const WATCHDOG: Duration = Duration::from_secs(120);
+
+macro_rules! task {
+    ($name:ident ($($field:ty),*) -> $out:ty, |$s:ident| $body:expr) => {
+        #[derive(Serialize, Deserialize)]
+        struct $name($($field),*);
+        impl Task for $name {
+            type Output = $out;
+            const NAME: &'static str = concat!("shared_memory::", stringify!($name));
+            fn run(self) -> $out {
+                let $s = self;
+                $body
+            }
+        }
+        register_task!($name);
+    };
+}
+
+task!(Invert(SharedBuf) -> SharedBuf, |s| {
+    let mut buf = s.0;
+    buf.iter_mut().for_each(|b| *b = !*b);
+    buf
+});
+task!(Echo(Vec<u8>) -> Vec<u8>, |s| s.0);
+task!(Reverse(Vec<SharedBuf>) -> Vec<SharedBuf>, |s| s
+    .0
+    .into_iter()
+    .rev()
+    .collect());
+task!(Sum(SharedBuf) -> u64, |s| s.0.iter().map(|&b| u64::from(b)).sum());
+task!(Filled(usize, u8) -> SharedBuf, |s| {
+    let mut buf = SharedBuf::new(s.0).unwrap();
+    buf.fill(s.1);
+    buf
+});
+task!(SerializeItself(SharedBuf) -> (usize, bool), |s| {
+    // The task's own serialization must not see the pool's descriptor list.
+    let bytes = postcard::to_stdvec(&s.0).unwrap();
+    let back: SharedBuf = postcard::from_bytes(&bytes).unwrap();
+    (bytes.len(), back == s.0)
+});
+task!(CrashOnceThenSum(String, SharedBuf) -> u64, |s| {
+    let first = !std::path::Path::new(&s.0).exists();
+    if first {
+        let mut f = std::fs::File::create(&s.0).unwrap();
+        f.write_all(b"ran").unwrap();
+        std::process::abort();
+    }
+    s.1.iter().map(|&b| u64::from(b)).sum()
+});
+
+fn wait<T>(mut handle: TaskHandle<T>) -> Result<T, TaskError> {
+    handle
+        .wait_timeout(LIMIT)
+        .unwrap_or_else(|| panic!("no result within {LIMIT:?}"))
+}
+
+fn pattern(len: usize) -> SharedBuf {
+    let mut buf = SharedBuf::new(len).unwrap();
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    buf
+}
+
+/// Descriptors of `pid` beyond stdin, stdout and stderr.
+fn open_fds(pid: u32) -> Vec<String> {
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            (fd > 2).then(|| std::fs::read_link(e.path()).ok())?
+        })
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    fds
+}
+
+fn the_buffer_skips_the_socket_and_comes_back_changed_in_place() {
+    // Frames of at most 64 KiB: 8 MiB can only cross in shared memory.
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_frame_size(64 << 10)
+        .build()
+        .unwrap();
+    let len = 8 << 20;
+    let back = wait(pool.submit(Invert(pattern(len)))).unwrap();
+    assert_eq!(back.len(), len);
+    let wrong = back
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b != !((i % 251) as u8))
+        .count();
+    assert_eq!(wrong, 0, "every byte inverted by the worker");
+    let err = wait(pool.submit(Echo(vec![0; len]))).unwrap_err();
+    assert!(err.to_string().contains("max_frame_size"), "{err}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn hundreds_of_buffers_in_one_request_and_one_answer_keep_their_order() {
+    // More descriptors than one sendmsg carries (253), both ways.
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let bufs: Vec<SharedBuf> = (0..600)
+        .map(|i| {
+            let mut buf = SharedBuf::new(4096).unwrap();
+            buf.fill((i % 256) as u8);
+            buf[0] = (i / 256) as u8;
+            buf
+        })
+        .collect();
+    let back = wait(pool.submit(Reverse(bufs))).unwrap();
+    assert_eq!(back.len(), 600);
+    for (j, buf) in back.iter().enumerate() {
+        let i = 599 - j;
+        assert_eq!((buf[0], buf[1]), ((i / 256) as u8, (i % 256) as u8), "{j}");
+    }
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn buffers_travel_in_map_batches_and_nothing_leaks() {
+    let parent_before = open_fds(std::process::id());
+    let pool = ProcessPool::builder().workers(2).build().unwrap();
+    let tasks: Vec<Sum> = (0..500)
+        .map(|i| {
+            let mut buf = SharedBuf::new(1000).unwrap();
+            buf.fill((i % 200) as u8);
+            Sum(buf)
+        })
+        .collect();
+    let sums: Vec<u64> =
+        futures::executor::block_on(pool.map(tasks).map(|r| r.unwrap()).collect::<Vec<u64>>());
+    let expected: Vec<u64> = (0..500).map(|i| (i % 200) * 1000).collect();
+    assert_eq!(sums, expected);
+    let made: Vec<SharedBuf> = futures::executor::block_on(
+        pool.map((0..300).map(|i| Filled(100 + i, (i % 256) as u8)))
+            .map(|r| r.unwrap())
+            .collect::<Vec<SharedBuf>>(),
+    );
+    for (i, buf) in made.iter().enumerate() {
+        assert_eq!(buf.len(), 100 + i);
+        assert!(buf.iter().all(|&b| b == (i % 256) as u8), "{i}");
+    }
+    drop(made);
+    // Workers keep only their connection; the parent is back to where it was.
+    for worker in pool_workers() {
+        let fds = open_fds(worker);
+        assert_eq!(fds.len(), 1, "worker {worker} holds {fds:?}");
+    }
+    assert!(pool.join_timeout(LIMIT));
+    drop(pool);
+    assert_eq!(open_fds(std::process::id()), parent_before);
+}
+
+fn pool_workers() -> Vec<u32> {
+    common::children().into_iter().collect()
+}
+
+fn a_task_serializing_its_buffer_itself_gets_the_bytes() {
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let (len, same) = wait(pool.submit(SerializeItself(pattern(1000)))).unwrap();
+    assert!(same, "the buffer survives the task's own round trip");
+    assert!(
+        len > 1000,
+        "written inline, not as a descriptor: {len} bytes"
+    );
+    // In a batch the whole run is inside the pool's encode and decode: same answer.
+    let answers: Vec<(usize, bool)> = futures::executor::block_on(
+        pool.map((0..3).map(|_| SerializeItself(pattern(1000))))
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(answers, vec![(len, true); 3]);
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_retried_task_gets_its_buffer_again_after_a_crash() {
+    let marker = std::env::temp_dir().join(format!("offload-shm-crash-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let mut buf = SharedBuf::new(1 << 20).unwrap();
+    buf.fill(3);
+    let task = CrashOnceThenSum(marker.to_string_lossy().into_owned(), buf);
+    let sum = wait(pool.submit_with(task, TaskOptions::new().retries(1))).unwrap();
+    assert_eq!(sum, 3 << 20);
+    let _ = std::fs::remove_file(&marker);
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn main() {
+    offload_process::init();
+    std::thread::spawn(|| {
+        std::thread::sleep(WATCHDOG);
+        eprintln!("shared_memory tests hung for {WATCHDOG:?}");
+        std::process::exit(101);
+    });
+    let tests: &[(&str, fn())] = &[
+        (
+            "the_buffer_skips_the_socket_and_comes_back_changed_in_place",
+            the_buffer_skips_the_socket_and_comes_back_changed_in_place,
+        ),
+        (
+            "hundreds_of_buffers_in_one_request_and_one_answer_keep_their_order",
+            hundreds_of_buffers_in_one_request_and_one_answer_keep_their_order,
+        ),
+        (
+            "buffers_travel_in_map_batches_and_nothing_leaks",
+            buffers_travel_in_map_batches_and_nothing_leaks,
+        ),
+        (
+            "a_task_serializing_its_buffer_itself_gets_the_bytes",
+            a_task_serializing_its_buffer_itself_gets_the_bytes,
+        ),
+        (
+            "a_retried_task_gets_its_buffer_again_after_a_crash",
+            a_retried_task_gets_its_buffer_again_after_a_crash,
+        ),
+    ];
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        // One at a time: tests look at this process's children and descriptors.
+        if std::panic::catch_unwind(test).is_ok() {
+            println!("test {name} ... ok");
+            passed += 1;
+        } else {
+            println!("test {name} ... FAILED");
+            failed += 1;
+        }
+    }
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(101);
+    }
+}
