@@ -12,6 +12,7 @@
 mod cpu;
 mod curves;
 mod process;
+mod procspawn_peer;
 mod python;
 mod raw_uds;
 mod report;
@@ -122,8 +123,10 @@ pub(crate) fn workspace_root() -> PathBuf {
 fn main() -> ExitCode {
     // A worker process of a `ProcessPool` serves tasks here and never returns.
     offload::init();
-    // So does the echo server of the raw socket benchmark (this binary, started by itself).
+    // So does the echo server of the raw socket benchmark (this binary, started by itself),
+    // and a worker of the procspawn peer.
     raw_uds::serve_if_asked();
+    procspawn_peer::init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use offload::prelude::*;
 use serde_json::json;
 
+use crate::procspawn_peer::{self, Procspawn};
 use crate::python::Python;
 use crate::raw_uds::RawEcho;
 use crate::report::{Better, Goal, Row, Target};
@@ -137,6 +138,18 @@ pub(crate) const GOALS: &[Goal] = &[
         target: Target::AtLeast(20.0),
     },
     Goal {
+        what: "tiny tasks submitted one by one: offload / ProcessPoolExecutor (issue 6)",
+        row: "process.submit_tasks_per_s.offload",
+        against: Some("process.submit_tasks_per_s.python_ppe"),
+        target: Target::AtLeast(100.0),
+    },
+    Goal {
+        what: "tiny tasks submitted one by one: offload / procspawn",
+        row: "process.submit_tasks_per_s.offload",
+        against: Some("process.submit_tasks_per_s.procspawn"),
+        target: Target::AtLeast(30.0),
+    },
+    Goal {
         what: "round trip p50: offload / raw Unix socket",
         row: "process.roundtrip_p50_us.offload",
         against: Some("process.roundtrip_p50_us.raw_uds"),
@@ -206,6 +219,8 @@ struct Bench {
     spin_pool: Option<offload::ProcessPool>,
     python: Option<Python>,
     raw: Option<RawEcho>,
+    /// The Rust peer, for submits and round trips.
+    procspawn: Option<Procspawn>,
 }
 
 /// Runs the process group.
@@ -216,15 +231,35 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
             .map(|s| format!("process.{metric}.{s}"))
             .collect()
     };
-    let submit_ids = ids("submit_tasks_per_s", &["offload", "python_ppe"]);
+    let submit_ids = ids(
+        "submit_tasks_per_s",
+        &["offload", "python_ppe", "procspawn"],
+    );
     let map_ids = ids("map_tasks_per_s", &["offload", "python_pool"]);
     let roundtrip_ids: Vec<String> = ["roundtrip_p50_us", "roundtrip_p99_us"]
         .iter()
-        .flat_map(|m| ids(m, &["offload", "python_ppe", "raw_uds", "offload_spin"]))
+        .flat_map(|m| {
+            ids(
+                m,
+                &[
+                    "offload",
+                    "python_ppe",
+                    "raw_uds",
+                    "offload_spin",
+                    "procspawn",
+                ],
+            )
+        })
         .collect();
     let mut startup_ids = ids(
         "startup_ms",
-        &["offload", "python_ppe", "python_ppe_spawn", "raw_spawn"],
+        &[
+            "offload",
+            "python_ppe",
+            "python_ppe_spawn",
+            "raw_spawn",
+            "procspawn",
+        ],
     );
     startup_ids.extend(ids("startup_8_workers_ms", &["offload", "raw_spawn"]));
     let payload_ids = ids(
@@ -276,12 +311,18 @@ pub(crate) fn run(settings: &Settings) -> anyhow::Result<Vec<Row>> {
     } else {
         None
     };
+    let procspawn = if submit || roundtrip {
+        Some(Procspawn::start(WORKERS)?)
+    } else {
+        None
+    };
     let mut bench = Bench {
         sizes: Sizes::new(settings.quick),
         pool,
         spin_pool,
         python,
         raw,
+        procspawn,
     };
 
     let mut rows = Vec::new();
@@ -542,8 +583,12 @@ impl Bench {
         if let Some(python) = &mut self.python {
             python.value(&json!({ "cmd": "submit", "n": n / 10 }))?;
         }
+        if let Some(procspawn) = &self.procspawn {
+            procspawn.submit_rate(n / 10)?;
+        }
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
+        let mut rust_peer = Vec::new();
         for run in 0..self.sizes.submit_runs {
             eprintln!(
                 "[process] submit, run {}/{}",
@@ -553,6 +598,9 @@ impl Bench {
             ours.push(self.submit_sample(n)?);
             if let Some(python) = &mut self.python {
                 theirs.push(python.value(&json!({ "cmd": "submit", "n": n }))?);
+            }
+            if let Some(procspawn) = &self.procspawn {
+                rust_peer.push(procspawn.submit_rate(n)?);
             }
         }
         let mut rows = vec![Row::new(
@@ -568,6 +616,22 @@ impl Bench {
                 Better::Higher,
                 theirs,
             ));
+        }
+        if !rust_peer.is_empty() {
+            rows.push(
+                Row::new(
+                    "process.submit_tasks_per_s.procspawn",
+                    "tasks/s",
+                    Better::Higher,
+                    rust_peer,
+                )
+                .with_note(format!(
+                    "procspawn 1.0 Pool::new(2), pool.spawn(x, identity) then join, at most \
+                     {} outstanding (it holds 3 file descriptors per queued task: 20,000 at \
+                     once exceed the open-file limit)",
+                    procspawn_peer::WINDOW
+                )),
+            );
         }
         Ok(rows)
     }
@@ -641,6 +705,15 @@ impl Bench {
                     latencies.extend(got.iter().filter_map(serde_json::Value::as_f64));
                 }
             }
+            4 => {
+                if let Some(procspawn) = &self.procspawn {
+                    for x in 0..n as u64 {
+                        let start = Instant::now();
+                        procspawn.roundtrip(x)?;
+                        latencies.push(start.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+            }
             3 => {
                 if let Some(pool) = &self.spin_pool {
                     for x in 0..n as u64 {
@@ -668,7 +741,13 @@ impl Bench {
     /// `process.roundtrip_p{50,99}_us.{offload,python_ppe,raw_uds}`: per run, the p50 and
     /// p99 of `roundtrips` sequential round trips per system; rows hold the median over runs.
     fn roundtrips(&mut self) -> anyhow::Result<Vec<Row>> {
-        const SYSTEMS: [&str; 4] = ["offload", "python_ppe", "raw_uds", "offload_spin"];
+        const SYSTEMS: [&str; 5] = [
+            "offload",
+            "python_ppe",
+            "raw_uds",
+            "offload_spin",
+            "procspawn",
+        ];
         if let Some(raw) = &mut self.raw {
             raw.set_message(RAW_MESSAGE);
         }
@@ -784,6 +863,8 @@ impl Bench {
         let mut ours = Vec::new();
         let mut raw = Vec::new();
         let (mut ours_8, mut raw_8) = (Vec::new(), Vec::new());
+        let mut rust_peer = Vec::new();
+        Procspawn::startup_ms(WORKERS)?;
         let mut theirs = vec![Vec::new(); python_methods.len()];
         for run in 0..runs {
             eprintln!("[process] startup, run {}/{runs}", run + 1);
@@ -791,6 +872,7 @@ impl Bench {
             raw.push(Self::raw_spawn_sample(WORKERS)?);
             ours_8.push(Self::startup_sample(8)?);
             raw_8.push(Self::raw_spawn_sample(8)?);
+            rust_peer.push(Procspawn::startup_ms(WORKERS)?);
             if let Some(python) = &mut self.python {
                 for (i, (method, _)) in python_methods.iter().enumerate() {
                     let reply = python.call(&json!({ "cmd": "startup", "method": method }))?;
@@ -839,6 +921,15 @@ impl Bench {
                 raw_8,
             )
             .with_note("8 raw echo children spawned at once, + one echo from each"),
+        );
+        rows.push(
+            Row::new(
+                "process.startup_ms.procspawn",
+                "ms",
+                Better::Lower,
+                rust_peer,
+            )
+            .with_note("procspawn 1.0 Pool::new(2) + one spawn().join()"),
         );
         if self.python.is_some() {
             for (((_, system), samples), method) in
