@@ -6,8 +6,12 @@
 //! the buffer grows only as bytes actually arrive, so a peer that *claims* a huge frame costs
 //! nothing until it sends the bytes.
 
+use std::sync::Arc;
+
 use offload_core::backend::attach::{self, Fd};
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::protocol::Blob;
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -116,6 +120,10 @@ pub fn encode_with_fds<M: Serialize + ?Sized>(
     fds.extend(collected);
     Ok(())
 }
+
+/// Frames at least this large are decoded in place: their blobs keep their bytes in the
+/// frame's buffer rather than copy them out (see [`Blob::decode_in_place`]).
+const IN_PLACE_MIN: usize = 256 * 1024;
 
 /// The most file descriptors a decoder holds for frames not yet complete: more means a
 /// broken peer.
@@ -233,6 +241,11 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`] as soon as a header claims more than the limit.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        Ok(self.next_body()?.map(|body| &self.buf[body]))
+    }
+
+    /// Where the next complete frame's body is in `buf`, if one is buffered; consumes it.
+    fn next_body(&mut self) -> Result<Option<std::ops::Range<usize>>, FrameError> {
         let Some(total) = self.wanted() else {
             return Ok(None);
         };
@@ -247,7 +260,16 @@ impl FrameDecoder {
         }
         let body = self.start + HEADER_LEN..self.start + total;
         self.start += total;
-        Ok(Some(&self.buf[body]))
+        Ok(Some(body))
+    }
+
+    /// Hands the buffer holding a large frame over to the frame's blobs (keeping the bytes
+    /// that follow the frame), so they need not copy their bytes out of it.
+    fn take_buffer(&mut self) -> Arc<Vec<u8>> {
+        let rest = self.buf[self.start..self.end].to_vec();
+        self.end = rest.len();
+        self.start = 0;
+        Arc::new(std::mem::replace(&mut self.buf, rest))
     }
 
     /// The next complete frame, decoded as `M`.
@@ -257,16 +279,27 @@ impl FrameDecoder {
     /// [`FrameError::TooLarge`], or [`FrameError::Malformed`] when the bytes are not an `M`.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
         let mut fds = std::mem::take(&mut self.fds);
-        let Some(body) = self.next_frame()? else {
+        let Some(body) = self.next_body()? else {
             self.fds = fds;
             return Ok(None);
         };
         let len = body.len();
+        let frame;
+        let (bytes, in_place) = if len >= IN_PLACE_MIN {
+            frame = self.take_buffer();
+            (&frame[body], Some(&frame))
+        } else {
+            (&self.buf[body], None)
+        };
+        let decode = || match in_place {
+            Some(frame) => Blob::decode_in_place(frame, || postcard::from_bytes(bytes)),
+            None => postcard::from_bytes(bytes),
+        };
         let decoded = if fds.is_empty() {
-            postcard::from_bytes(body)
+            decode()
         } else {
             // The frame's descriptors are the first ones queued; it says how many it took.
-            let (decoded, rest, used) = attach::providing(fds, || postcard::from_bytes(body));
+            let (decoded, rest, used) = attach::providing(fds, decode);
             fds = rest;
             fds.drain(..used);
             decoded

@@ -44,6 +44,9 @@ pub struct Blob {
 enum Repr {
     Owned(Vec<u8>),
     Shared(Arc<Vec<u8>>),
+    /// Part of a large frame's buffer, decoded in place (see [`Blob::decode_in_place`]): its
+    /// start and end (a frame is at most `u32::MAX` bytes long).
+    Slice(Arc<Vec<u8>>, u32, u32),
 }
 
 impl Default for Repr {
@@ -80,6 +83,42 @@ impl Blob {
         match &self.bytes {
             Repr::Owned(v) => v,
             Repr::Shared(v) => v,
+            Repr::Slice(v, start, end) => v.get(*start as usize..*end as usize).unwrap_or_default(),
+        }
+    }
+
+    /// Runs `decode`, a decode of a message from `frame`, so that the blobs in it keep their
+    /// bytes where they are (as ranges of `frame`) instead of copying them out. For large
+    /// frames: a task's megabytes are then copied once (into the task), not twice.
+    pub fn decode_in_place<R>(frame: &Arc<Vec<u8>>, decode: impl FnOnce() -> R) -> R {
+        let outer = FRAME.with_borrow_mut(|slot| slot.replace(frame.clone()));
+        let result = decode();
+        FRAME.with_borrow_mut(|slot| *slot = outer);
+        result
+    }
+
+    /// A blob of `bytes`, as a range of the frame being decoded in place when they lie in it.
+    fn from_decoded(bytes: &[u8]) -> Blob {
+        let in_frame = FRAME.with_borrow(|frame| {
+            let frame = frame.as_ref()?;
+            let base = frame.as_ptr() as usize;
+            let start = (bytes.as_ptr() as usize).checked_sub(base)?;
+            let end = start.checked_add(bytes.len())?;
+            if end > frame.len() {
+                return None;
+            }
+            Some((
+                frame.clone(),
+                u32::try_from(start).ok()?,
+                u32::try_from(end).ok()?,
+            ))
+        });
+        match in_frame {
+            Some((frame, start, end)) => Blob {
+                bytes: Repr::Slice(frame, start, end),
+                fds: None,
+            },
+            None => Blob::new(bytes.to_vec()),
         }
     }
 
@@ -154,7 +193,7 @@ impl<'de> Deserialize<'de> for Blob {
                 let missing = || A::Error::custom("a blob is cut short");
                 let first: u32 = seq.next_element()?.ok_or_else(missing)?;
                 let count: u32 = seq.next_element()?.ok_or_else(missing)?;
-                let ByteBuf(bytes) = seq.next_element()?.ok_or_else(missing)?;
+                let BlobBytes(blob) = seq.next_element()?.ok_or_else(missing)?;
                 let fds = (0..count)
                     .map(|i| {
                         first.checked_add(i).and_then(attach::get).ok_or_else(|| {
@@ -165,7 +204,7 @@ impl<'de> Deserialize<'de> for Blob {
                         })
                     })
                     .collect::<Result<Vec<Fd>, A::Error>>()?;
-                Ok(Blob::new(bytes).with_fds(fds))
+                Ok(blob.with_fds(fds))
             }
         }
         d.deserialize_tuple(3, Visitor)
@@ -180,25 +219,38 @@ impl Serialize for BytesRef<'_> {
     }
 }
 
-struct ByteBuf(Vec<u8>);
+/// A blob's bytes on their way in: borrowed from the frame when the decoder can lend them
+/// (and then kept in place if the frame is decoded in place), copied otherwise.
+struct BlobBytes(Blob);
 
-impl<'de> Deserialize<'de> for ByteBuf {
+impl<'de> Deserialize<'de> for BlobBytes {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = ByteBuf;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = BlobBytes;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("bytes")
             }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v.to_vec()))
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<Self::Value, E> {
+                Ok(BlobBytes(Blob::from_decoded(v)))
             }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v))
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(BlobBytes(Blob::new(v.to_vec())))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+                Ok(BlobBytes(Blob::new(v)))
             }
         }
-        d.deserialize_byte_buf(Visitor)
+        d.deserialize_bytes(Visitor)
     }
+}
+
+thread_local! {
+    /// The frame being decoded in place, if any.
+    static FRAME: std::cell::RefCell<Option<Arc<Vec<u8>>>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The first message of a worker.
@@ -354,6 +406,44 @@ mod tests {
         decoder.read_buf()[..wire.len()].copy_from_slice(&wire);
         decoder.filled(wire.len());
         assert_eq!(decoder.next_message::<ToParent>().unwrap(), Some(hello));
+    }
+
+    #[test]
+    fn a_large_frame_s_blob_keeps_its_bytes_in_the_frame_and_what_follows_survives() {
+        let big = ToWorker::Run {
+            id: 1,
+            task: "t".into(),
+            input: Blob::new((0..1 << 20).map(|i| i as u8).collect()),
+        };
+        let small = ToWorker::Cancel { id: 1 };
+        let mut wire = Vec::new();
+        encode(&big, &mut wire, 2 << 20).unwrap();
+        encode(&small, &mut wire, 2 << 20).unwrap();
+        let mut decoder = FrameDecoder::new(2 << 20);
+        let mut fed = 0;
+        let mut got = Vec::new();
+        while fed < wire.len() {
+            let space = decoder.read_buf();
+            let n = space.len().min(wire.len() - fed);
+            space[..n].copy_from_slice(&wire[fed..fed + n]);
+            decoder.filled(n);
+            fed += n;
+            while let Some(m) = decoder.next_message::<ToWorker>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![big, small]);
+        let ToWorker::Run { input, .. } = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert!(matches!(input.bytes, Repr::Slice(..)), "not copied out");
+        let copy = Blob::decode_in_place(&Arc::new(Vec::new()), || {
+            postcard::from_bytes::<Blob>(&postcard::to_stdvec(input).unwrap()).unwrap()
+        });
+        assert!(
+            matches!(copy.bytes, Repr::Owned(_)),
+            "bytes outside the frame are copied"
+        );
     }
 
     #[test]
