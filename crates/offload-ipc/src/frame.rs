@@ -122,8 +122,11 @@ pub fn encode_with_fds<M: Serialize + ?Sized>(
 }
 
 /// Frames at least this large are decoded in place: their blobs keep their bytes in the
-/// frame's buffer rather than copy them out (see [`Blob::decode_in_place`]).
-const IN_PLACE_MIN: usize = 256 * 1024;
+/// frame's buffer rather than copy them out (see [`Blob::decode_in_place`]). Not smaller
+/// ones: each such frame leaves the decoder to grow a new buffer, and `map`'s answers
+/// (a few hundred KiB) then churned the parent's heap (its RSS over a 10M-task map rose
+/// 2-4 MiB, against -3..2 with a copy).
+const IN_PLACE_MIN: usize = 4 << 20;
 
 /// The most file descriptors a decoder holds for frames not yet complete: more means a
 /// broken peer.

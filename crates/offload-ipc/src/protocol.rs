@@ -413,13 +413,13 @@ mod tests {
         let big = ToWorker::Run {
             id: 1,
             task: "t".into(),
-            input: Blob::new((0..1 << 20).map(|i| i as u8).collect()),
+            input: Blob::new((0..5 << 20).map(|i| i as u8).collect()),
         };
         let small = ToWorker::Cancel { id: 1 };
         let mut wire = Vec::new();
-        encode(&big, &mut wire, 2 << 20).unwrap();
-        encode(&small, &mut wire, 2 << 20).unwrap();
-        let mut decoder = FrameDecoder::new(2 << 20);
+        encode(&big, &mut wire, 8 << 20).unwrap();
+        encode(&small, &mut wire, 8 << 20).unwrap();
+        let mut decoder = FrameDecoder::new(8 << 20);
         let mut fed = 0;
         let mut got = Vec::new();
         while fed < wire.len() {
