@@ -73,6 +73,12 @@ thread_local! {
     static DECODE_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
+/// Forgets a recorded decode failure: call before a decode whose errors go through
+/// [`describe`], so a failure from some earlier, unrelated decode is not reported for it.
+pub fn clear_decode_error() {
+    DECODE_ERROR.with_borrow_mut(|slot| *slot = None);
+}
+
 /// Records why a value could not be decoded, for [`decode_with_fds`] to report (postcard
 /// drops the message of a custom error). Returns the message, for the value's own error.
 pub fn decode_failed(message: String) -> String {
@@ -173,6 +179,7 @@ pub fn decode_with_fds<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     fds: &[Fd],
 ) -> Result<T, String> {
+    clear_decode_error();
     let result = if fds.is_empty() {
         // Nothing to provide; `get` finds no list and values report what they miss.
         postcard::from_bytes(bytes)

@@ -14,8 +14,9 @@ use crate::backend::attach::{self, Fd};
 ///
 /// A task field of type `SharedBuf` does not travel through the pool's socket: the worker maps
 /// the same memory (a sealed `memfd`), so passing 8 MiB costs about what passing 8 bytes does.
-/// A `SharedBuf` a task returns comes back the same way. Everywhere else (a `ThreadPool`, or
-/// serializing it yourself) it behaves like a `Vec<u8>`: it serializes as its bytes.
+/// A `SharedBuf` a task returns comes back the same way. On a `ThreadPool` it simply moves to
+/// the thread, like any value. Serialized anywhere else (say, with `serde_json`) it writes its
+/// bytes, as `{"Inline": [..]}`, and reads back into a new buffer.
 ///
 /// ```
 /// use offload_core::SharedBuf;
@@ -36,8 +37,13 @@ use crate::backend::attach::{self, Fd};
 ///
 /// Memory sent to a worker is shared with it until the worker drops its `SharedBuf`: a task
 /// may change the bytes in place and return the buffer, and the caller sees the change
-/// without a copy. The length is fixed at creation (the segment is sealed against growing and
-/// shrinking, so a mapping can never lose its pages under a reader). Linux only.
+/// without a copy. So a task that changes its buffer and is then **retried** (after its
+/// worker crashed or it timed out, with `TaskOptions::retries`) finds the first attempt's
+/// changes: retry only tasks that read their buffers, or that write them idempotently.
+///
+/// Each live `SharedBuf` holds a file descriptor, in each process that has it; a request may
+/// carry at most 1,024. The length is fixed at creation (the segment is sealed against
+/// growing and shrinking, so a mapping can never lose its pages under a reader). Linux only.
 pub struct SharedBuf {
     ptr: NonNull<u8>,
     len: usize,

@@ -92,7 +92,8 @@ pub fn send(socket: RawFd, data: &[u8], fds: &[Fd], flags: libc::c_int) -> io::R
 /// # Errors
 ///
 /// What `recvmsg` reports (`WouldBlock` when non-blocking and nothing is there), or
-/// `InvalidData` when descriptors were lost because more arrived than fit (a broken peer).
+/// `InvalidData` when descriptors that arrived were lost (`MSG_CTRUNC`): with at most
+/// [`MAX_FDS_PER_SEND`] per message that means this process ran out of descriptors.
 pub fn recv(
     socket: RawFd,
     buf: &mut [u8],
@@ -144,7 +145,8 @@ pub fn recv(
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "file descriptors were lost: more arrived at once than fit",
+            "file descriptors sent with a message were lost: this process is probably out of \
+             file descriptors (each live SharedBuf holds one; see `ulimit -n`)",
         ));
     }
     Ok(n)

@@ -48,10 +48,25 @@ pub enum FrameError {
     /// A message could not be serialized.
     #[error("could not encode a message: {0}")]
     Encode(String),
-    /// The peer sent more file descriptors than its frames refer to.
-    #[error("{count} file descriptors received that no message refers to")]
+    /// More file descriptors arrived than any message may carry.
+    #[error("{count} file descriptors received, more than messages may carry ({MAX_QUEUED_FDS})")]
     TooManyFds {
         /// How many are queued.
+        count: usize,
+    },
+    /// A message holds more file descriptors than one message may carry.
+    #[error(
+        "a message may carry at most {MAX_FDS_PER_MESSAGE} file descriptors (shared buffers), \
+         this one holds {count}"
+    )]
+    FdsOverLimit {
+        /// How many it holds.
+        count: usize,
+    },
+    /// File descriptors arrived where none are accepted (before a handshake).
+    #[error("{count} file descriptors received before the handshake")]
+    UnexpectedFds {
+        /// How many arrived.
         count: usize,
     },
     /// The peer closed the connection in the middle of a frame.
@@ -116,6 +131,12 @@ pub fn encode_with_fds<M: Serialize + ?Sized>(
             return Err(FrameError::TooLarge { len, max });
         }
     };
+    if collected.len() > MAX_FDS_PER_MESSAGE {
+        out.truncate(start);
+        return Err(FrameError::FdsOverLimit {
+            count: collected.len(),
+        });
+    }
     out[start..start + HEADER_LEN].copy_from_slice(&prefix.to_le_bytes());
     fds.extend(collected);
     Ok(())
@@ -128,9 +149,14 @@ pub fn encode_with_fds<M: Serialize + ?Sized>(
 /// 2-4 MiB, against -3..2 with a copy).
 const IN_PLACE_MIN: usize = 4 << 20;
 
+/// The most file descriptors one message may carry (each `SharedBuf` in a task or an output
+/// is one). Checked when a task is submitted and when a worker encodes an answer, so the
+/// reader's own limit below is only ever reached by a broken peer.
+pub const MAX_FDS_PER_MESSAGE: usize = 1024;
+
 /// The most file descriptors a decoder holds for frames not yet complete: more means a
-/// broken peer.
-const MAX_QUEUED_FDS: usize = 4096;
+/// broken peer. Room for a few messages at the limit, which one write may carry together.
+const MAX_QUEUED_FDS: usize = 4 * MAX_FDS_PER_MESSAGE;
 
 /// Reassembles frames from a byte stream.
 ///
@@ -152,6 +178,8 @@ pub struct FrameDecoder {
     buf: Vec<u8>,
     /// Descriptors received and not yet taken by a frame, in arrival order.
     fds: Vec<Fd>,
+    /// False while descriptors are refused (see [`refusing_fds`](Self::refusing_fds)).
+    fds_allowed: bool,
     /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
     end: usize,
@@ -164,6 +192,7 @@ impl FrameDecoder {
         FrameDecoder {
             buf: Vec::new(),
             fds: Vec::new(),
+            fds_allowed: true,
             start: 0,
             end: 0,
             max,
@@ -174,6 +203,18 @@ impl FrameDecoder {
     /// the next frame may have arrived in the same read as the last one.
     pub fn set_max(&mut self, max: usize) {
         self.max = max;
+    }
+
+    /// The same decoder, but any file descriptor that arrives is an error (before a peer has
+    /// proved who it is).
+    pub fn refusing_fds(mut self) -> Self {
+        self.fds_allowed = false;
+        self
+    }
+
+    /// Accepts file descriptors from now on (after a handshake).
+    pub fn accept_fds(&mut self) {
+        self.fds_allowed = true;
     }
 
     /// Bytes the next complete frame needs in total (header included), once its header is in.
@@ -230,6 +271,11 @@ impl FrameDecoder {
         fds: impl IntoIterator<Item = std::os::fd::OwnedFd>,
     ) -> Result<(), FrameError> {
         self.fds.extend(fds.into_iter().map(Fd::new));
+        if !self.fds_allowed && !self.fds.is_empty() {
+            let count = self.fds.len();
+            self.fds.clear();
+            return Err(FrameError::UnexpectedFds { count });
+        }
         if self.fds.len() > MAX_QUEUED_FDS {
             return Err(FrameError::TooManyFds {
                 count: self.fds.len(),
@@ -238,7 +284,8 @@ impl FrameDecoder {
         Ok(())
     }
 
-    /// The next complete frame's body, if one is buffered.
+    /// The next complete frame's body, if one is buffered. Takes no file descriptors: for
+    /// frames that carry none (decode messages with [`next_message`](Self::next_message)).
     ///
     /// # Errors
     ///
@@ -281,6 +328,7 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`], or [`FrameError::Malformed`] when the bytes are not an `M`.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
+        attach::clear_decode_error();
         let mut fds = std::mem::take(&mut self.fds);
         let Some(body) = self.next_body()? else {
             self.fds = fds;

@@ -135,7 +135,27 @@ fn data_segment_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Raises this worker's soft limit on open files to its hard limit. Every shared buffer a
+/// request carries is a descriptor while the request is queued or running, and the usual
+/// soft limit (1024) is low for that; a worker is the pool's process, so this changes
+/// nothing of the user's.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn serve(socket: &OsString) -> Result<(), WorkerExit> {
+    raise_open_file_limit();
     let mut token_line = String::new();
     std::io::stdin()
         .lock()

@@ -103,7 +103,9 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     };
     let mut reader = Reader {
         stream: stream.clone(),
-        decoder: FrameDecoder::new(HELLO_MAX),
+        // Nobody sends descriptors before the handshake: a stranger must not be able to park
+        // thousands of them in this process.
+        decoder: FrameDecoder::new(HELLO_MAX).refusing_fds(),
     };
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
         Ok(Ok(Some(ToParent::Hello(hello)))) => hello,
@@ -150,6 +152,7 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
         return;
     }
     reader.decoder.set_max(accept.max_frame);
+    reader.decoder.accept_fds();
     let lane = match Lane::new(stream.get_ref()) {
         Ok(lane) => Arc::new(lane),
         Err(e) => {
@@ -232,7 +235,11 @@ async fn write_loop(
             }
         }
         lane.wait_for_caller();
-        if stream.write_all(&buf, &fds).await.is_err() {
+        let written = stream.write_all(&buf, &fds).await;
+        // Sent: the worker has its own copies now. Holding ours until the next message
+        // would pin a finished task's shared memory for as long as this worker idles.
+        fds.clear();
+        if written.is_err() {
             return;
         }
         lane.unwritten.fetch_sub(count, Ordering::AcqRel);

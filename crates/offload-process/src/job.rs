@@ -73,7 +73,8 @@ pub struct TaskOptions {
     /// [`TaskError::TimedOut`].
     pub timeout: Option<Duration>,
     /// How many times to run the task again if its worker crashes or it times out. Only for
-    /// idempotent tasks: a retried task may have done part of its work already.
+    /// idempotent tasks: a retried task may have done part of its work already (and finds
+    /// what it wrote into a `SharedBuf` argument: the retry maps the same memory).
     pub retries: u32,
 }
 

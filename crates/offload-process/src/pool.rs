@@ -252,6 +252,7 @@ impl ProcessPool {
     fn encode<T: Task>(&self, task: &T) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
         let (bytes, fds) =
             attach::encode_with_fds(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
+        check_fds(T::NAME, fds.len(), "")?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
         if bytes.len() > limit {
             return Err(TaskError::serialization(
@@ -265,6 +266,21 @@ impl ProcessPool {
         }
         Ok((bytes, fds))
     }
+}
+
+/// A request may carry at most [`frame::MAX_FDS_PER_MESSAGE`] descriptors (shared buffers):
+/// refused at submit, with `hint`, rather than failing the worker that would receive them.
+fn check_fds(name: &'static str, count: usize, hint: &str) -> Result<(), TaskError> {
+    if count <= frame::MAX_FDS_PER_MESSAGE {
+        return Ok(());
+    }
+    Err(TaskError::serialization(
+        name,
+        format!(
+            "the request holds {count} shared buffers, over the limit of {} per request{hint}",
+            frame::MAX_FDS_PER_MESSAGE
+        ),
+    ))
 }
 
 impl Executor for ProcessPool {
@@ -294,6 +310,9 @@ impl Executor for ProcessPool {
                 T::NAME,
                 Err(TaskError::serialization(T::NAME, e)),
             ));
+        }
+        if let Err(e) = check_fds(T::NAME, fds.len(), "; use a smaller chunk_size") {
+            return Ok(TaskHandle::ready(T::NAME, Err(e)));
         }
         if inputs.len() + REQUEST_OVERHEAD > self.inner.max_frame {
             let e = TaskError::serialization(

@@ -585,6 +585,26 @@ fn strangers_and_garbage_are_refused_and_the_pool_keeps_working() {
             .iter()
             .any(|l| l.contains("frame of 4294967295 bytes is over the limit"))
     });
+
+    // File descriptors before the handshake: refused, not held.
+    let s = connect(name);
+    let interprocess::local_socket::Stream::UdSocket(socket) = &s;
+    let fds: Vec<offload_core::backend::Fd> = (0..200)
+        .map(|_| offload_core::backend::Fd::new(std::fs::File::open("/dev/null").unwrap().into()))
+        .collect();
+    use std::os::fd::{AsFd, AsRawFd};
+    let raw = socket.as_fd().as_raw_fd();
+    offload_ipc::fdpass::send_all(raw, &frame[..4], &fds).unwrap();
+    assert!(
+        closed_by_peer(s),
+        "descriptors before a handshake close the connection"
+    );
+    eventually("the descriptors are logged", || {
+        LOGS.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("200 file descriptors received before the handshake"))
+    });
     assert_eq!(wait(pool.submit(Square(5))), Ok(25));
     assert!(pool.join_timeout(LIMIT));
 }

@@ -45,6 +45,9 @@ task!(Reverse(Vec<SharedBuf>) -> Vec<SharedBuf>, |s| s
     .into_iter()
     .rev()
     .collect());
+task!(ManyBuffers(usize) -> Vec<SharedBuf>, |s| {
+    (0..s.0).map(|_| SharedBuf::new(16).unwrap()).collect()
+});
 task!(Sum(SharedBuf) -> u64, |s| s.0.iter().map(|&b| u64::from(b)).sum());
 task!(Filled(usize, u8) -> SharedBuf, |s| {
     let mut buf = SharedBuf::new(s.0).unwrap();
@@ -206,6 +209,78 @@ fn a_retried_task_gets_its_buffer_again_after_a_crash() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// Shared-memory segments this process holds open.
+fn open_segments() -> usize {
+    open_fds(std::process::id())
+        .iter()
+        .filter(|target| target.contains("offload-shared-buf"))
+        .count()
+}
+
+fn a_finished_task_leaves_no_buffer_open_in_the_parent() {
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    // Through the pool's I/O thread (a timeout sends it that way) and written directly.
+    let via_reactor = TaskOptions::new().timeout(LIMIT);
+    let back = wait(pool.submit_with(Sum(pattern(1 << 20)), via_reactor)).unwrap();
+    assert_eq!(back, (0..1u64 << 20).map(|i| i % 251).sum::<u64>());
+    let back = wait(pool.submit(Sum(pattern(1 << 20)))).unwrap();
+    assert_eq!(back, (0..1u64 << 20).map(|i| i % 251).sum::<u64>());
+    // The pool is alive and idle: nothing of the finished tasks is held.
+    assert_eq!(open_segments(), 0, "{:?}", open_fds(std::process::id()));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn too_many_buffers_in_a_request_or_an_answer_fail_only_that_task() {
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let bufs: Vec<SharedBuf> = (0..1025).map(|_| SharedBuf::new(64).unwrap()).collect();
+    let err = wait(pool.submit(Reverse(bufs))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("over the limit of 1024"), "{err}");
+    let err = wait(pool.submit(ManyBuffers(1025))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("at most 1024"), "{err}");
+    let bufs = wait(pool.submit(ManyBuffers(1024))).unwrap();
+    assert_eq!(bufs.len(), 1024, "the limit itself is fine");
+    drop(bufs);
+    assert_eq!(
+        wait(pool.submit(Sum(pattern(10)))),
+        Ok(45),
+        "the worker serves on"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_worker_may_hold_as_many_descriptors_as_the_system_allows() {
+    // Workers inherit a soft limit below the hard one, as on most systems (1024).
+    let mut ours = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass, nothing else.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) };
+    let lowered = libc::rlimit {
+        rlim_cur: ours.rlim_max.min(512),
+        rlim_max: ours.rlim_max,
+    };
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) };
+    let before = common::children();
+    let pool = ProcessPool::builder().workers(1).build();
+    // SAFETY: as above; the parent's own limit is back before anything can fail.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &ours) };
+    let pool = pool.unwrap();
+    wait(pool.submit(Sum(pattern(1)))).unwrap();
+    let worker = *common::children().difference(&before).next().unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{worker}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3], fields[4], "soft = hard: {line}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn main() {
     offload_process::init();
     std::thread::spawn(|| {
@@ -233,6 +308,18 @@ fn main() {
         (
             "a_retried_task_gets_its_buffer_again_after_a_crash",
             a_retried_task_gets_its_buffer_again_after_a_crash,
+        ),
+        (
+            "a_finished_task_leaves_no_buffer_open_in_the_parent",
+            a_finished_task_leaves_no_buffer_open_in_the_parent,
+        ),
+        (
+            "too_many_buffers_in_a_request_or_an_answer_fail_only_that_task",
+            too_many_buffers_in_a_request_or_an_answer_fail_only_that_task,
+        ),
+        (
+            "a_worker_may_hold_as_many_descriptors_as_the_system_allows",
+            a_worker_may_hold_as_many_descriptors_as_the_system_allows,
         ),
     ];
     let filter: Vec<String> = std::env::args()
