@@ -134,7 +134,16 @@ impl Job {
     }
 
     pub(crate) fn finish(self, outcome: Outcome) {
-        self.reply.finish(outcome, self.attempts);
+        let Job {
+            payload,
+            reply,
+            attempts,
+            ..
+        } = self;
+        // Released before the caller is woken: a caller that checks right away finds the
+        // task's memory (and shared buffers) given back, not still held by the pool.
+        drop(payload);
+        reply.finish(outcome, attempts);
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use offload_core::{as_completed, register_task, Executor, Task, TaskError, TaskHandle};
+use offload_core::{as_completed, Executor, Task, TaskError, TaskHandle};
 use offload_process::{BuildError, ProcessPool};
 use serde::{Deserialize, Serialize};
 
@@ -25,21 +25,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- tasks
 
-macro_rules! task {
-    ($name:ident ($($field:ty),*) -> $out:ty, |$s:ident| $body:expr) => {
-        #[derive(Serialize, Deserialize)]
-        struct $name($($field),*);
-        impl Task for $name {
-            type Output = $out;
-            const NAME: &'static str = concat!("process_pool::", stringify!($name));
-            fn run(self) -> $out {
-                let $s = self;
-                $body
-            }
-        }
-        register_task!($name);
-    };
-}
+use common::task;
 
 task!(Pid() -> u32, |_s| std::process::id());
 task!(Square(u64) -> u64, |s| s.0 * s.0);

@@ -11,28 +11,13 @@ use std::io::Write;
 use std::time::Duration;
 
 use futures::StreamExt;
-use offload_core::{register_task, Executor, SharedBuf, Task, TaskError, TaskHandle};
+use offload_core::{Executor, SharedBuf, TaskError, TaskHandle};
 use offload_process::{ProcessPool, TaskOptions};
-use serde::{Deserialize, Serialize};
 
 const LIMIT: Duration = Duration::from_secs(30);
 const WATCHDOG: Duration = Duration::from_secs(120);
 
-macro_rules! task {
-    ($name:ident ($($field:ty),*) -> $out:ty, |$s:ident| $body:expr) => {
-        #[derive(Serialize, Deserialize)]
-        struct $name($($field),*);
-        impl Task for $name {
-            type Output = $out;
-            const NAME: &'static str = concat!("shared_memory::", stringify!($name));
-            fn run(self) -> $out {
-                let $s = self;
-                $body
-            }
-        }
-        register_task!($name);
-    };
-}
+use common::task;
 
 task!(Invert(SharedBuf) -> SharedBuf, |s| {
     let mut buf = s.0;
@@ -164,9 +149,16 @@ fn buffers_travel_in_map_batches_and_nothing_leaks() {
         assert!(buf.iter().all(|&b| b == (i % 256) as u8), "{i}");
     }
     drop(made);
-    // Workers keep only their connection; the parent is back to where it was.
+    // Workers keep only their connection; the parent is back to where it was. A worker
+    // drops an answer's descriptors just after writing it, so the last one may still be
+    // closing when its answer arrives: allow it a moment.
     for worker in pool_workers() {
-        let fds = open_fds(worker);
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut fds = open_fds(worker);
+        while fds.len() != 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            fds = open_fds(worker);
+        }
         assert_eq!(fds.len(), 1, "worker {worker} holds {fds:?}");
     }
     assert!(pool.join_timeout(LIMIT));

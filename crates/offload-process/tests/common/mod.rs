@@ -3,6 +3,27 @@
 
 use std::collections::HashSet;
 
+/// Defines a task type with tuple fields and registers it as `<test binary>::<Name>`:
+/// `task!(Square(u64) -> u64, |s| s.0 * s.0);`
+#[allow(unused_macros)] // each test binary uses its own subset
+macro_rules! task {
+    ($name:ident ($($field:ty),*) -> $out:ty, |$s:ident| $body:expr) => {
+        #[derive(::serde::Serialize, ::serde::Deserialize)]
+        struct $name($($field),*);
+        impl ::offload_core::Task for $name {
+            type Output = $out;
+            const NAME: &'static str = concat!(module_path!(), "::", stringify!($name));
+            fn run(self) -> $out {
+                let $s = self;
+                $body
+            }
+        }
+        ::offload_core::register_task!($name);
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use task;
+
 /// Direct children of this process (Linux), from /proc.
 pub(crate) fn children() -> HashSet<u32> {
     let mut out = HashSet::new();
