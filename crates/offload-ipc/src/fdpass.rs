@@ -44,8 +44,8 @@ pub fn send(socket: RawFd, data: &[u8], fds: &[Fd], flags: libc::c_int) -> io::R
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
-        let payload = std::mem::size_of_val(fds.first().map_or(&0, |_| &0 as &RawFd)) * fds.len();
-        let payload = u32::try_from(payload).map_err(io::Error::other)?;
+        let payload =
+            u32::try_from(std::mem::size_of::<RawFd>() * fds.len()).map_err(io::Error::other)?;
         // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
         let (space, len) = unsafe { (libc::CMSG_SPACE(payload), libc::CMSG_LEN(payload)) };
         if space as usize > CONTROL_LEN {
@@ -152,27 +152,65 @@ pub fn recv(
     Ok(n)
 }
 
-/// Writes all of `data` to a blocking socket, with `fds` attached to its first bytes (in
-/// groups of at most [`MAX_FDS_PER_SEND`], each with at least one byte).
-///
-/// # Errors
-///
-/// What `sendmsg` reports.
-pub fn send_all(socket: RawFd, mut data: &[u8], fds: &[Fd]) -> io::Result<()> {
-    let mut groups = fds.chunks(MAX_FDS_PER_SEND).peekable();
-    while !data.is_empty() {
-        let group = groups.peek().copied().unwrap_or(&[]);
-        // While more groups follow, send one byte with each: every group needs a byte of its
-        // own, and `data` has at least as many bytes as descriptors.
-        let take = if groups.len() > 1 { 1 } else { data.len() };
-        let n = send(socket, &data[..take], group, 0)?;
+/// A write of bytes with descriptors attached to its first bytes, cut into the pieces one
+/// `sendmsg` can carry: groups of at most [`MAX_FDS_PER_SEND`] descriptors, each with at least
+/// one byte of its own (a message never has fewer bytes than descriptors). Blocking and
+/// non-blocking writers drive it alike, retrying [`send_next`](Self::send_next) as they wait.
+pub struct Outgoing<'a> {
+    data: &'a [u8],
+    groups: std::iter::Peekable<std::slice::Chunks<'a, Fd>>,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A write of `data` with `fds`.
+    pub fn new(data: &'a [u8], fds: &'a [Fd]) -> Self {
+        Outgoing {
+            data,
+            groups: fds.chunks(MAX_FDS_PER_SEND).peekable(),
+        }
+    }
+
+    /// True once every byte (and so every descriptor) is written.
+    pub fn is_done(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// One `sendmsg` of what is left (`flags` as for [`send`]); returns the bytes written.
+    ///
+    /// # Errors
+    ///
+    /// What `sendmsg` reports (`WouldBlock` included: call again when there is room), or
+    /// `WriteZero`.
+    pub fn send_next(&mut self, socket: RawFd, flags: libc::c_int) -> io::Result<usize> {
+        let group = self.groups.peek().copied().unwrap_or(&[]);
+        // While more groups follow, this one goes with a single byte.
+        let take = if self.groups.len() > 1 {
+            1
+        } else {
+            self.data.len()
+        };
+        let n = send(socket, &self.data[..take], group, flags)?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         if !group.is_empty() {
-            groups.next();
+            self.groups.next();
         }
-        data = &data[n..];
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// Writes all of `data` to a blocking socket, with `fds` attached to its first bytes (see
+/// [`Outgoing`]).
+///
+/// # Errors
+///
+/// What `sendmsg` reports.
+pub fn send_all(socket: RawFd, data: &[u8], fds: &[Fd]) -> io::Result<()> {
+    let mut outgoing = Outgoing::new(data, fds);
+    while !outgoing.is_done() {
+        outgoing.send_next(socket, 0)?;
     }
     Ok(())
 }

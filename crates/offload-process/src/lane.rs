@@ -49,9 +49,6 @@ impl Lanes {
     /// lane. Gives the job back when no lane is open.
     /// `fds` go with the frame's first bytes.
     pub(crate) fn send(&self, job: Job, frame: &[u8], fds: &[Fd]) -> Result<Sent, Job> {
-        if fds.len() > fdpass::MAX_FDS_PER_SEND {
-            return Err(job);
-        }
         let lane = self.claim(job)?;
         let written = write_all(&lane.fd, frame, fds);
         lane.writing.store(false, Ordering::Release);
@@ -212,16 +209,13 @@ const PARTIAL_WAITS: u32 = 10;
 /// reactor), and an idle worker's socket has room for a whole [`DIRECT_MAX`] frame; if it has
 /// not, the write waits for room in `poll` (the worker is idle, so it is reading), a bounded
 /// time.
-fn write_all(fd: &OwnedFd, frame: &[u8], mut fds: &[Fd]) -> Written {
-    let mut done = 0;
+fn write_all(fd: &OwnedFd, frame: &[u8], fds: &[Fd]) -> Written {
+    let mut outgoing = fdpass::Outgoing::new(frame, fds);
     let mut waits = 0;
-    while done < frame.len() {
+    while !outgoing.is_done() {
         // Non-blocking; the descriptors go with the first bytes written.
-        match fdpass::send(fd.as_raw_fd(), &frame[done..], fds, libc::MSG_DONTWAIT) {
-            Ok(n) => {
-                done += n;
-                fds = &[];
-            }
+        match outgoing.send_next(fd.as_raw_fd(), libc::MSG_DONTWAIT) {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && waits < PARTIAL_WAITS => {
                 waits += 1;
                 wait_writable(fd);

@@ -52,23 +52,13 @@ impl Socket {
         Ok(n)
     }
 
-    /// Writes all of `buf`; `fds` go with its first bytes (at most
-    /// [`MAX_FDS_PER_SEND`](fdpass::MAX_FDS_PER_SEND) with each byte sent, as
-    /// [`fdpass::send_all`] does).
-    pub(crate) async fn write_all(&self, mut buf: &[u8], fds: &[Fd]) -> std::io::Result<()> {
+    /// Writes all of `buf`, `fds` with its first bytes (see [`fdpass::Outgoing`]).
+    pub(crate) async fn write_all(&self, buf: &[u8], fds: &[Fd]) -> std::io::Result<()> {
         let socket = self.fd.get_ref().as_raw_fd();
-        let mut groups = fds.chunks(fdpass::MAX_FDS_PER_SEND).peekable();
-        while !buf.is_empty() {
-            let group = groups.peek().copied().unwrap_or(&[]);
-            let take = if groups.len() > 1 { 1 } else { buf.len() };
-            match fdpass::send(socket, &buf[..take], group, libc::MSG_DONTWAIT) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    buf = &buf[n..];
-                    if !group.is_empty() {
-                        groups.next();
-                    }
-                }
+        let mut outgoing = fdpass::Outgoing::new(buf, fds);
+        while !outgoing.is_done() {
+            match outgoing.send_next(socket, libc::MSG_DONTWAIT) {
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) => return Err(e),
             }

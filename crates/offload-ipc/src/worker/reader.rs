@@ -28,6 +28,9 @@ enum Read1 {
     Nothing,
     /// The end of the stream, or an error: the parent is gone either way.
     Closed,
+    /// The connection cannot be used any more, for the reason given (descriptors lost or
+    /// over the limit): the worker exits with a protocol error saying so.
+    Broken(String),
 }
 
 impl Reader {
@@ -59,6 +62,7 @@ impl Reader {
                 Read1::Bytes(n) => self.decoder.filled(n),
                 Read1::Nothing => {}
                 Read1::Closed => return self.finish().map(|()| None),
+                Read1::Broken(reason) => return Err(broken(reason)),
             }
         }
     }
@@ -108,6 +112,7 @@ impl Reader {
                 Ok(messages)
             }
             Read1::Nothing => Ok(messages),
+            Read1::Broken(reason) => Err(broken(reason)),
             Read1::Closed => self.finish().and(Err(WorkerExit {
                 code: exit_code::DONE,
                 message: None,
@@ -142,13 +147,16 @@ impl Reader {
         let fd = self.fd();
         let mut fds = Vec::new();
         let read = fdpass::recv(fd, self.decoder.read_buf(), &mut fds, flags);
-        if self.decoder.received_fds(fds).is_err() {
-            return Read1::Closed;
+        if let Err(e) = self.decoder.received_fds(fds) {
+            return Read1::Broken(e.to_string());
         }
         match read {
             Ok(0) => Read1::Closed,
             Ok(n) => Read1::Bytes(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read1::Nothing,
+            // Descriptors lost on the way in (this worker is out of them): say so, rather
+            // than exit as if the parent had gone.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Read1::Broken(e.to_string()),
             // A reset is how a dead parent looks from here: as final as an EOF.
             Err(_) => Read1::Closed,
         }
@@ -171,6 +179,13 @@ impl Reader {
             }
         }
     }
+}
+
+fn broken(reason: String) -> WorkerExit {
+    WorkerExit::new(
+        exit_code::PROTOCOL,
+        format!("cannot read the pool's connection: {reason}"),
+    )
 }
 
 fn protocol_error(e: &FrameError) -> WorkerExit {
