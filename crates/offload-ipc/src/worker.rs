@@ -42,6 +42,7 @@ mod exit_code {
 ///
 /// Called by `offload::init()` when the worker environment variable is set.
 pub fn run(socket: OsString) -> ! {
+    close_inherited();
     die_with_parent();
     // A task may start this program again, or build a pool of its own: neither must look
     // like a worker. `init` runs first in `main`, before other threads read the environment.
@@ -70,6 +71,36 @@ impl WorkerExit {
             code,
             message: Some(message.into()),
         }
+    }
+}
+
+/// Closes every descriptor from 3 up. A worker needs only its standard streams (the token
+/// comes on stdin) and the connection it opens next; anything else is what the parent
+/// inherited without close-on-exec (a jobserver pipe, a server framework's socket, ...), and
+/// holding it would keep the other end from seeing it closed. The pool spawns workers without
+/// a pre-exec hook (which would force a fork of the whole parent), so it is done here, before
+/// anything of the worker's own is open.
+fn close_inherited() {
+    // SAFETY: close_range touches no memory and closes only descriptor numbers; nothing in
+    // this process has opened a descriptor of its own yet (this runs first in `run`, which
+    // `init` calls at the top of `main`).
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0 {
+        return;
+    }
+    // Kernels before 5.11: one descriptor at a time, up to the descriptor limit.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(65_536) as libc::c_int
+    } else {
+        4096
+    };
+    for fd in 3..max {
+        // SAFETY: as above; a number that is not open gives EBADF, which is fine.
+        unsafe { libc::close(fd) };
     }
 }
 

@@ -106,16 +106,13 @@ fn spawn_child(
     token: &[u8; TOKEN_LEN],
 ) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
+    // No `pre_exec` hook, on purpose: with one, std must fork, and forking copies the
+    // parent's page tables and makes every page it writes afterwards fault (copy-on-write):
+    // ~5 ms per worker for a parent using 100 MiB, ~20 ms at 400 MiB, paid again for every
+    // replacement. Without one, std uses posix_spawn (a vfork: nothing is copied). The worker
+    // closes the descriptors it inherited beyond its standard streams as it starts
+    // (`offload_ipc::worker::run`).
     let mut command = Command::new(program);
-    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // calls are allowed; it makes only raw close_range/fcntl/getrlimit syscalls and allocates
-    // nothing.
-    unsafe {
-        command.pre_exec(|| {
-            close_inherited_on_exec();
-            Ok(())
-        });
-    }
     let mut child = command
         // A terminal's Ctrl-C (SIGINT to the foreground process group) reaches the parent
         // only: it decides whether to drain or stop the pool. If it dies, its workers die
@@ -133,38 +130,6 @@ fn spawn_child(
         let _ = writeln!(stdin, "{}", token_to_hex(token));
     }
     Ok(child)
-}
-
-/// Marks every descriptor from 3 up close-on-exec, so a worker inherits nothing of its parent
-/// but its standard streams: not descriptors the parent itself inherited without
-/// close-on-exec (a jobserver pipe, a socket of a server framework, ...). Marking rather than
-/// closing keeps std's own exec-error pipe working, so a missing program is still reported.
-///
-/// Runs between fork and exec: async-signal-safe calls only.
-fn close_inherited_on_exec() {
-    // SAFETY: plain syscalls on descriptor numbers; no memory is touched but `limit`.
-    unsafe {
-        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) == 0 {
-            return;
-        }
-        // Kernels before 5.11: one descriptor at a time, up to the descriptor limit.
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur.min(65_536) as libc::c_int
-        } else {
-            4096
-        };
-        for fd in 3..max {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
 }
 
 /// Blocks until `pid` has exited, leaving it unreaped (a zombie) so its pid stays reserved.
