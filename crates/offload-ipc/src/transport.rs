@@ -9,6 +9,11 @@ pub const ENV_SOCKET: &str = "OFFLOAD_WORKER_SOCKET";
 /// exits at once instead of waiting for a connection that will never be accepted.
 pub const ENV_PARENT: &str = "OFFLOAD_WORKER_PARENT";
 
+/// Environment variable listing, comma-separated, the descriptors above 2 a worker inherits
+/// from the pool's process (open there without close-on-exec). The worker closes exactly
+/// these as it starts, and nothing it opened itself before `init`.
+pub const ENV_INHERITED: &str = "OFFLOAD_WORKER_INHERITED";
+
 /// A private socket name for a new pool. On Linux it lives in the abstract namespace (no file,
 /// nothing to clean up); elsewhere interprocess maps it to a socket file. The name is visible
 /// to other local users (`/proc/net/unix`), so it shares nothing with the token: the random

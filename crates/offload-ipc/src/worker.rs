@@ -24,7 +24,7 @@ use crate::frame::{self, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
 use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
-use crate::transport::{ENV_PARENT, ENV_SOCKET};
+use crate::transport::{ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
 use inbox::{Inbox, Request};
 use reader::Reader;
 
@@ -48,6 +48,7 @@ pub fn run(socket: OsString) -> ! {
     // like a worker. `init` runs first in `main`, before other threads read the environment.
     std::env::remove_var(ENV_SOCKET);
     std::env::remove_var(ENV_PARENT);
+    std::env::remove_var(ENV_INHERITED);
     let code = match serve(&socket) {
         Ok(()) => exit_code::DONE,
         Err(WorkerExit { code, message }) => {
@@ -74,33 +75,26 @@ impl WorkerExit {
     }
 }
 
-/// Closes every descriptor from 3 up. A worker needs only its standard streams (the token
-/// comes on stdin) and the connection it opens next; anything else is what the parent
-/// inherited without close-on-exec (a jobserver pipe, a server framework's socket, ...), and
-/// holding it would keep the other end from seeing it closed. The pool spawns workers without
-/// a pre-exec hook (which would force a fork of the whole parent), so it is done here, before
-/// anything of the worker's own is open.
+/// Closes the descriptors above 2 this worker inherited from the pool's process, which lists
+/// them in [`ENV_INHERITED`]: things the parent had open without close-on-exec (a jobserver
+/// pipe, a server framework's socket, ...). Holding them would keep their other ends from
+/// seeing them closed. Only those: `main` may have opened descriptors of its own before it
+/// called `init` (a tokio runtime's epoll and eventfd, a log file), and the worker keeps
+/// them. The pool spawns workers without a pre-exec hook, which would make it fork the whole
+/// parent, so this is done here.
 fn close_inherited() {
-    // SAFETY: close_range touches no memory and closes only descriptor numbers; nothing in
-    // this process has opened a descriptor of its own yet (this runs first in `run`, which
-    // `init` calls at the top of `main`).
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0 {
+    let Some(list) = std::env::var_os(ENV_INHERITED) else {
         return;
-    }
-    // Kernels before 5.11: one descriptor at a time, up to the descriptor limit.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
     };
-    // SAFETY: getrlimit writes into the struct we pass.
-    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur.min(65_536) as libc::c_int
-    } else {
-        4096
-    };
-    for fd in 3..max {
-        // SAFETY: as above; a number that is not open gives EBADF, which is fine.
-        unsafe { libc::close(fd) };
+    for fd in list.to_string_lossy().split(',') {
+        match fd.trim().parse::<libc::c_int>() {
+            // SAFETY: closes a descriptor number the parent says this process inherited and
+            // nothing here uses; one that is not open gives EBADF, which is fine.
+            Ok(fd) if fd > 2 => unsafe {
+                libc::close(fd);
+            },
+            _ => {}
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use offload_ipc::handshake::token_to_hex;
 use offload_ipc::protocol::TOKEN_LEN;
-use offload_ipc::transport::{ENV_PARENT, ENV_SOCKET};
+use offload_ipc::transport::{ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
 
 /// Kills a worker that has not been reaped yet.
 #[derive(Clone)]
@@ -111,8 +111,12 @@ fn spawn_child(
     // ~5 ms per worker for a parent using 100 MiB, ~20 ms at 400 MiB, paid again for every
     // replacement. Without one, std uses posix_spawn (a vfork: nothing is copied). The worker
     // closes the descriptors it inherited beyond its standard streams as it starts
-    // (`offload_ipc::worker::run`).
+    // (`offload_ipc::worker::run`) from the list in its environment.
     let mut command = Command::new(program);
+    let inherited = inherited_descriptors();
+    if !inherited.is_empty() {
+        command.env(ENV_INHERITED, inherited);
+    }
     let mut child = command
         // A terminal's Ctrl-C (SIGINT to the foreground process group) reaches the parent
         // only: it decides whether to drain or stop the pool. If it dies, its workers die
@@ -130,6 +134,35 @@ fn spawn_child(
         let _ = writeln!(stdin, "{}", token_to_hex(token));
     }
     Ok(child)
+}
+
+/// The descriptors above 2 a child started now would inherit: those open in this process
+/// without close-on-exec, comma-separated. Rust opens everything close-on-exec, so this is
+/// usually empty, or what this process inherited itself (a jobserver pipe, ...). A descriptor
+/// another thread opens without close-on-exec between this and the spawn is not listed.
+fn inherited_descriptors() -> String {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return String::new();
+    };
+    let mut list = String::new();
+    for entry in entries.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        if fd <= 2 {
+            continue;
+        }
+        // SAFETY: F_GETFD only reads a descriptor's flags; a number that is not open (the
+        // directory listing's own, closed by now) gives -1.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            if !list.is_empty() {
+                list.push(',');
+            }
+            list.push_str(&fd.to_string());
+        }
+    }
+    list
 }
 
 /// Blocks until `pid` has exited, leaving it unreaped (a zombie) so its pid stays reserved.

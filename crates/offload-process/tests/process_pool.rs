@@ -28,6 +28,16 @@ const LIMIT: Duration = Duration::from_secs(30);
 use common::task;
 
 task!(Pid() -> u32, |_s| std::process::id());
+task!(OpenedBeforeInit() -> Option<String>, |_s| {
+    let fd = OPENED_BEFORE_INIT.get()?;
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|target| target.to_string_lossy().into_owned())
+});
+
+/// A descriptor `main` opens before `init()`, as a program does whose runtime or logging
+/// starts first (`#[tokio::main]`): workers run `main` too, and must keep it.
+static OPENED_BEFORE_INIT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 task!(Square(u64) -> u64, |s| s.0 * s.0);
 task!(Panic(String) -> u32, |s| panic!("{}", s.0));
 task!(Abort() -> u32, |_s| std::process::abort());
@@ -244,6 +254,17 @@ fn tasks_run_in_worker_processes() {
     assert_ne!(pid, std::process::id());
     assert!(children().contains(&pid), "the worker is our child");
     assert_eq!(wait(pool.submit(Square(12))), Ok(144));
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn what_main_opened_before_init_stays_open_in_a_worker() {
+    // `init` runs after whatever `main` did first (a tokio runtime's epoll and eventfd, a log
+    // file); a worker closes only the descriptors it inherited from the pool's process.
+    let pool = pool(1);
+    assert_eq!(
+        wait(pool.submit(OpenedBeforeInit())),
+        Ok(Some("/dev/null".to_owned()))
+    );
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -1456,9 +1477,14 @@ fn a_worker_holds_only_its_standard_streams_and_its_connection() {
             (fd, target)
         })
         .collect();
+    // Beyond 0-2, and beyond what this test binary's `main` opens before `init` (which the
+    // worker, running the same `main`, opened itself).
+    let own = OPENED_BEFORE_INIT
+        .get()
+        .and_then(|&fd| u32::try_from(fd).ok());
     let mut extra: Vec<&str> = fds
         .iter()
-        .filter(|(fd, _)| *fd > 2)
+        .filter(|(fd, _)| *fd > 2 && Some(*fd) != own)
         .map(|(_, target)| target.as_str())
         .collect();
     extra.sort_unstable();
@@ -1557,6 +1583,10 @@ fn main() {
     if std::env::var(ROLE).as_deref() == Ok("old-worker") {
         return old_worker(); // instead of init(): this one speaks another protocol
     }
+    let opened = std::fs::File::open("/dev/null").expect("/dev/null opens");
+    OPENED_BEFORE_INIT
+        .set(std::os::fd::IntoRawFd::into_raw_fd(opened))
+        .expect("set once");
     offload_process::init();
     match std::env::var(ROLE).as_deref() {
         Ok("orphan-parent") => return orphan_parent(),
@@ -1571,6 +1601,7 @@ fn main() {
         a_quick_result_does_not_wait_behind_the_next_task_on_its_worker,
         many_callers_at_once_each_get_their_own_answer,
         a_worker_clears_its_environment_contract,
+        what_main_opened_before_init_stays_open_in_a_worker,
         works_from_inside_an_async_runtime,
         a_panic_comes_back_as_an_error_and_the_worker_keeps_serving,
         a_crashing_worker_fails_only_its_task_and_is_replaced,
