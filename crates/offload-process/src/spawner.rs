@@ -114,7 +114,11 @@ fn spawn_child(
     // (`offload_ipc::worker::run`) from the list in its environment.
     let mut command = Command::new(program);
     let inherited = inherited_descriptors();
-    if !inherited.is_empty() {
+    if inherited.is_empty() {
+        // Not one of ours from further up (a worker that builds a pool of its own clears it,
+        // but a program may have been started with it set).
+        command.env_remove(ENV_INHERITED);
+    } else {
         command.env(ENV_INHERITED, inherited);
     }
     let mut child = command
@@ -137,9 +141,12 @@ fn spawn_child(
 }
 
 /// The descriptors above 2 a child started now would inherit: those open in this process
-/// without close-on-exec, comma-separated. Rust opens everything close-on-exec, so this is
-/// usually empty, or what this process inherited itself (a jobserver pipe, ...). A descriptor
-/// another thread opens without close-on-exec between this and the spawn is not listed.
+/// without close-on-exec, as `fd:dev:ino` entries, comma-separated. The worker closes an entry
+/// only if that number still names the same file (device and inode), so a descriptor closed
+/// here meanwhile, whose number the worker's own `main` reused, is left alone. Rust opens
+/// everything close-on-exec, so this is usually empty, or what this process inherited itself
+/// (a jobserver pipe, ...). A descriptor another thread opens without close-on-exec between
+/// this and the spawn is not listed, and stays open in the worker.
 fn inherited_descriptors() -> String {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return String::new();
@@ -152,17 +159,33 @@ fn inherited_descriptors() -> String {
         if fd <= 2 {
             continue;
         }
-        // SAFETY: F_GETFD only reads a descriptor's flags; a number that is not open (the
-        // directory listing's own, closed by now) gives -1.
+        // SAFETY: F_GETFD only reads a descriptor's flags; a number that is not open any more
+        // gives -1. The listing's own descriptor is close-on-exec (opendir), so it is skipped.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-            if !list.is_empty() {
-                list.push(',');
-            }
-            list.push_str(&fd.to_string());
+        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
+            continue;
         }
+        let Some((dev, ino)) = identity(fd) else {
+            continue;
+        };
+        if !list.is_empty() {
+            list.push(',');
+        }
+        list.push_str(&format!("{fd}:{dev}:{ino}"));
     }
     list
+}
+
+/// The device and inode of the file open as `fd`.
+fn identity(fd: libc::c_int) -> Option<(u64, u64)> {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct; fstat writes into it
+    // and reads nothing else of ours.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.st_dev, stat.st_ino))
 }
 
 /// Blocks until `pid` has exited, leaving it unreaped (a zombie) so its pid stays reserved.
