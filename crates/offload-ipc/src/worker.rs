@@ -24,7 +24,7 @@ use crate::frame::{self, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
 use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
-use crate::transport::{ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
+use crate::transport::{self, ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
 use inbox::{Inbox, Request};
 use reader::Reader;
 
@@ -42,7 +42,7 @@ mod exit_code {
 ///
 /// Called by `offload::init()` when the worker environment variable is set.
 pub fn run(socket: OsString) -> ! {
-    close_inherited();
+    transport::close_inherited();
     die_with_parent();
     // A task may start this program again, or build a pool of its own: neither must look
     // like a worker. (With `#[tokio::main]` the runtime's threads exist already; they do
@@ -72,45 +72,6 @@ impl WorkerExit {
         WorkerExit {
             code,
             message: Some(message.into()),
-        }
-    }
-}
-
-/// Closes the descriptors above 2 this worker inherited from the pool's process, which lists
-/// them in [`ENV_INHERITED`] as `fd:dev:ino`: things the parent had open without
-/// close-on-exec (a jobserver pipe, a server framework's socket, ...). Holding them would keep
-/// their other ends from seeing them closed. Only those, and only while the number still names
-/// the same file: `main` may have opened descriptors of its own before it called `init` (a
-/// tokio runtime's epoll and eventfd, a log file), and the worker keeps them. The pool spawns
-/// workers without a pre-exec hook, which would make it fork the whole parent, so this is done
-/// here. (Code before `init` that takes ownership of an inherited descriptor, such as a
-/// jobserver client, loses it: `init` belongs first in `main`.)
-fn close_inherited() {
-    let Some(list) = std::env::var_os(ENV_INHERITED) else {
-        return;
-    };
-    for entry in list.to_string_lossy().split(',') {
-        let mut parts = entry.trim().split(':').map(str::parse::<u64>);
-        let (Some(Ok(fd)), Some(Ok(dev)), Some(Ok(ino))) =
-            (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let Ok(fd) = libc::c_int::try_from(fd) else {
-            continue;
-        };
-        if fd <= 2 {
-            continue;
-        }
-        // SAFETY: an all-zero stat is a valid value of this plain C struct; fstat writes into it.
-        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; a number that is not open gives -1.
-        let same =
-            unsafe { libc::fstat(fd, &mut stat) } == 0 && stat.st_dev == dev && stat.st_ino == ino;
-        if same {
-            // SAFETY: closes a descriptor the parent handed down, checked above to be the file
-            // the parent listed and not one this process opened before `init`.
-            unsafe { libc::close(fd) };
         }
     }
 }

@@ -681,7 +681,8 @@ impl Scheduler {
         }
         let max = self.settings.max_requests_per_worker;
         for worker in self.workers.values() {
-            if worker.sent.is_empty() && worker.kill.is_none() && worker.can_take_work(1, max) {
+            // A window of 1: only a worker with nothing sent.
+            if worker.kill.is_none() && worker.can_take_work(1, max) {
                 if let Some(lane) = &worker.lane {
                     self.lanes.open(lane);
                 }
@@ -814,14 +815,19 @@ impl Scheduler {
     /// No worker can be started: fail everything queued, and everything submitted later.
     fn break_pool(&mut self, reason: String) {
         tracing::error!("process pool is broken: {reason}");
-        let queued: Vec<Job> = self.queue.drain(..).collect();
-        for job in queued {
-            self.fail(job, Failure::Broken(reason.clone()));
-        }
+        self.fail_queued(&reason);
         if matches!(self.startup, Startup::Starting) {
             self.startup = Startup::Failed(reason.clone());
         }
         self.broken = Some(reason);
+    }
+
+    /// Fails every queued job: the pool is broken for `reason`.
+    fn fail_queued(&mut self, reason: &str) {
+        let queued: Vec<Job> = self.queue.drain(..).collect();
+        for job in queued {
+            self.fail(job, Failure::Broken(reason.to_owned()));
+        }
     }
 
     /// Requests in flight per worker: the configured number, or enough to keep about
@@ -845,12 +851,8 @@ impl Scheduler {
     /// pool, fails them instead: whatever reached the queue after the pool broke (work put
     /// back from a lost worker, a retry) must not wait for workers that will never come.
     pub(crate) fn dispatch(&mut self) {
-        if let Some(reason) = &self.broken {
-            let reason = reason.clone();
-            let queued: Vec<Job> = self.queue.drain(..).collect();
-            for job in queued {
-                self.fail(job, Failure::Broken(reason.clone()));
-            }
+        if let Some(reason) = self.broken.clone() {
+            self.fail_queued(&reason);
             return;
         }
         let window = self.window();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use offload_ipc::handshake::token_to_hex;
 use offload_ipc::protocol::TOKEN_LEN;
-use offload_ipc::transport::{ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
+use offload_ipc::transport::{inherited_descriptors, ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
 
 /// Kills a worker that has not been reaped yet.
 #[derive(Clone)]
@@ -108,10 +108,10 @@ fn spawn_child(
     use std::os::unix::process::CommandExt;
     // No `pre_exec` hook, on purpose: with one, std must fork, and forking copies the
     // parent's page tables and makes every page it writes afterwards fault (copy-on-write):
-    // ~5 ms per worker for a parent using 100 MiB, ~20 ms at 400 MiB, paid again for every
-    // replacement. Without one, std uses posix_spawn (a vfork: nothing is copied). The worker
+    // starting 2 workers took 7.1 ms from a parent with 100 MiB of heap, 22 ms at 400 MiB,
+    // paid again for every replacement. Without one, std uses posix_spawn (a vfork: nothing is copied). The worker
     // closes the descriptors it inherited beyond its standard streams as it starts
-    // (`offload_ipc::worker::run`) from the list in its environment.
+    // (`offload_ipc::transport::close_inherited`) from the list made here.
     let mut command = Command::new(program);
     let inherited = inherited_descriptors();
     if inherited.is_empty() {
@@ -138,54 +138,6 @@ fn spawn_child(
         let _ = writeln!(stdin, "{}", token_to_hex(token));
     }
     Ok(child)
-}
-
-/// The descriptors above 2 a child started now would inherit: those open in this process
-/// without close-on-exec, as `fd:dev:ino` entries, comma-separated. The worker closes an entry
-/// only if that number still names the same file (device and inode), so a descriptor closed
-/// here meanwhile, whose number the worker's own `main` reused, is left alone. Rust opens
-/// everything close-on-exec, so this is usually empty, or what this process inherited itself
-/// (a jobserver pipe, ...). A descriptor another thread opens without close-on-exec between
-/// this and the spawn is not listed, and stays open in the worker.
-fn inherited_descriptors() -> String {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return String::new();
-    };
-    let mut list = String::new();
-    for entry in entries.flatten() {
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<libc::c_int>() else {
-            continue;
-        };
-        if fd <= 2 {
-            continue;
-        }
-        // SAFETY: F_GETFD only reads a descriptor's flags; a number that is not open any more
-        // gives -1. The listing's own descriptor is close-on-exec (opendir), so it is skipped.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        if flags < 0 || flags & libc::FD_CLOEXEC != 0 {
-            continue;
-        }
-        let Some((dev, ino)) = identity(fd) else {
-            continue;
-        };
-        if !list.is_empty() {
-            list.push(',');
-        }
-        list.push_str(&format!("{fd}:{dev}:{ino}"));
-    }
-    list
-}
-
-/// The device and inode of the file open as `fd`.
-fn identity(fd: libc::c_int) -> Option<(u64, u64)> {
-    // SAFETY: an all-zero stat is a valid value of this plain C struct; fstat writes into it
-    // and reads nothing else of ours.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
-        return None;
-    }
-    Some((stat.st_dev, stat.st_ino))
 }
 
 /// Blocks until `pid` has exited, leaving it unreaped (a zombie) so its pid stays reserved.
