@@ -46,9 +46,10 @@ pub(crate) enum Event {
         pid: u32,
         message: ToParent,
     },
-    /// The connection ended (cleanly or not).
+    /// The connection ended: `closed` says why, when the pool closed it.
     Disconnected {
         pid: u32,
+        closed: Option<String>,
     },
     /// A disconnected worker has not exited within its grace period.
     Stale {
@@ -156,10 +157,13 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     let lane = match Lane::new(stream.get_ref()) {
         Ok(lane) => Arc::new(lane),
         Err(e) => {
+            let reason = format!("cannot duplicate the socket of worker {pid}: {e}");
             tracing::warn!(
                 worker.pid = pid,
-                "closing the connection to worker {pid}: cannot duplicate its socket: {e}"
+                "closing the connection to worker {pid}: {reason}"
             );
+            // It never served: the pool reports this as why the worker failed to start.
+            let _ = events.send(Event::Refused { pid, reason });
             return;
         }
     };
@@ -173,24 +177,24 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
         return;
     }
     tokio::spawn(write_loop(stream, outgoing, lane, accept.max_frame, pid));
-    loop {
+    let closed = loop {
         match reader.next().await {
             Ok(Some(message)) => {
                 if events.send(Event::Message { pid, message }).is_err() {
                     return;
                 }
             }
-            Ok(None) => break,
+            Ok(None) => break None,
             Err(e) => {
                 tracing::warn!(
                     worker.pid = pid,
                     "closing the connection to worker {pid}: {e}"
                 );
-                break;
+                break Some(e.to_string());
             }
         }
-    }
-    let _ = events.send(Event::Disconnected { pid });
+    };
+    let _ = events.send(Event::Disconnected { pid, closed });
 }
 
 /// The most verbose level the parent's subscriber wants, so workers send nothing that would
@@ -234,7 +238,7 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        lane.wait_for_caller();
+        lane.wait_for_caller().await;
         let written = stream.write_all(&buf, &fds).await;
         // Sent: the worker has its own copies now. Holding ours until the next message
         // would pin a finished task's shared memory for as long as this worker idles.

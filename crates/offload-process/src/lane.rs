@@ -52,6 +52,8 @@ impl Lanes {
         let lane = self.claim(job)?;
         let written = write_all(&lane.fd, frame, fds);
         lane.writing.store(false, Ordering::Release);
+        // A permit, if the writer is not waiting yet: it then checks `writing` again.
+        lane.written.notify_one();
         if matches!(written, Written::All) {
             Ok(Sent::Written)
         } else {
@@ -135,6 +137,8 @@ pub(crate) struct Lane {
     pub(crate) unwritten: AtomicUsize,
     /// A caller is writing to the socket.
     writing: AtomicBool,
+    /// Signalled when a caller's write has ended.
+    written: tokio::sync::Notify,
     /// A caller's write failed: the connection cannot be used any more.
     pub(crate) broken: AtomicBool,
 }
@@ -164,15 +168,25 @@ impl Lane {
             }),
             unwritten: AtomicUsize::new(0),
             writing: AtomicBool::new(false),
+            written: tokio::sync::Notify::new(),
             broken: AtomicBool::new(false),
         })
     }
 
     /// For the reactor's writer, before it writes: lets a caller's write end first. Rare (the
-    /// scheduler closed the lane just as a caller took it) and short (one non-blocking write).
-    pub(crate) fn wait_for_caller(&self) {
-        while self.writing.load(Ordering::Acquire) {
-            std::thread::yield_now();
+    /// scheduler closed the lane just as a caller took it) and usually short (one
+    /// non-blocking write); but a worker that stopped reading keeps the caller in
+    /// [`write_all`] for up to a second, so this waits without blocking the reactor thread:
+    /// every other worker's I/O goes on meanwhile.
+    pub(crate) async fn wait_for_caller(&self) {
+        loop {
+            let written = self.written.notified();
+            if !self.writing.load(Ordering::Acquire) {
+                return;
+            }
+            // `notify_one` stores a permit when nobody waits yet, so a write that ends
+            // between the check and this await still wakes it.
+            written.await;
         }
     }
 
@@ -242,4 +256,76 @@ fn wait_writable(fd: &OwnedFd) {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain bookkeeping; a panic elsewhere cannot leave it half-updated.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use offload_ipc::protocol::Blob;
+
+    use crate::job::{self, TaskOptions};
+
+    /// A worker that stops reading keeps a caller's direct write waiting for room; the
+    /// reactor's writer, waiting for that write to end, must not stop the reactor thread
+    /// (every other worker's I/O runs on it).
+    #[test]
+    fn waiting_for_a_slow_caller_write_does_not_block_the_reactor() {
+        let (ours, _peer_not_reading) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let chunk = [0u8; 4096];
+        while (&ours).write(&chunk).is_ok() {}
+
+        let lanes = Arc::new(Lanes::default());
+        let lane = Arc::new(Lane::new(&ours).unwrap());
+        lanes.add(lane.clone());
+        lanes.open(&lane);
+        let (job, _handle) = job::one::<u64>(1, "t", Blob::new(vec![]), TaskOptions::new(), || {});
+        let caller = {
+            let lanes = lanes.clone();
+            std::thread::spawn(move || {
+                let frame = vec![0u8; DIRECT_MAX];
+                matches!(lanes.send(job, &frame, &[]), Ok(Sent::Broken))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !lane.writing.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the caller never started its write"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let ticks = runtime.block_on(async {
+            let ticks = Arc::new(AtomicUsize::new(0));
+            let counter = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            let waited = tokio::time::timeout(Duration::from_secs(5), lane.wait_for_caller()).await;
+            assert!(waited.is_ok(), "the caller's write did not end within 5 s");
+            ticker.abort();
+            ticks.load(Ordering::Relaxed)
+        });
+        // The caller waits ten times 100 ms for room before it gives up on the connection.
+        assert!(
+            caller.join().unwrap(),
+            "the write to a full socket should fail"
+        );
+        assert!(
+            ticks >= 20,
+            "the reactor thread ran other work only {ticks} times while it waited ~1 s"
+        );
+    }
 }

@@ -100,6 +100,9 @@ struct Worker {
     lane: Option<Arc<Lane>>,
     connected: bool,
     disconnected: bool,
+    /// Why the pool closed the connection (a frame it could not read), if it did: the
+    /// worker then exits because of the pool, and the error must say so.
+    closed: Option<String>,
     status: Option<ExitStatus>,
     /// Asked to exit (shutdown, recycling, failed initializer): its end is not a crash.
     retiring: bool,
@@ -216,6 +219,7 @@ impl Scheduler {
                             lane: None,
                             connected: false,
                             disconnected: false,
+                            closed: None,
                             status: None,
                             retiring: false,
                             killer,
@@ -318,8 +322,9 @@ impl Scheduler {
                 }
             }
             Event::Message { pid, message } => self.on_message(pid, message),
-            Event::Disconnected { pid } => {
+            Event::Disconnected { pid, closed } => {
                 if let Some(worker) = self.workers.get_mut(&pid) {
+                    worker.closed = closed;
                     worker.writer = None;
                     if let Some(lane) = worker.lane.take() {
                         self.lanes.remove(&lane);
@@ -704,6 +709,9 @@ impl Scheduler {
             ExitStatus::from_raw(0)
         });
         let (mut text, signal, code) = spawner::describe(status);
+        if let Some(reason) = &worker.closed {
+            text.push_str(&format!(" after the pool closed its connection ({reason})"));
+        }
         if let (Some(limit), Some(6 | 9 | 11)) = (self.settings.memory_limit, signal) {
             text.push_str(&format!(
                 ", perhaps for exceeding the pool's memory limit of {},",

@@ -242,8 +242,8 @@ fn too_many_buffers_in_a_request_or_an_answer_fail_only_that_task() {
     assert!(pool.join_timeout(LIMIT));
 }
 
-fn a_worker_may_hold_as_many_descriptors_as_the_system_allows() {
-    // Workers inherit a soft limit below the hard one, as on most systems (1024).
+/// Sets this process's soft limit on open descriptors; returns the old limits.
+fn set_soft_fd_limit(soft: libc::rlim_t) -> libc::rlimit {
     let mut ours = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -251,14 +251,48 @@ fn a_worker_may_hold_as_many_descriptors_as_the_system_allows() {
     // SAFETY: getrlimit/setrlimit read and write the struct we pass, nothing else.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) };
     let lowered = libc::rlimit {
-        rlim_cur: ours.rlim_max.min(512),
+        rlim_cur: soft.min(ours.rlim_max),
         rlim_max: ours.rlim_max,
     };
     // SAFETY: as above.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) };
+    ours
+}
+
+fn a_parent_out_of_descriptors_fails_the_task_saying_so() {
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    wait(pool.submit(Sum(pattern(1)))).unwrap();
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as libc::rlim_t;
+    // Room for a few of the answer's buffers, not for 1,000.
+    let ours = set_soft_fd_limit(open + 64);
+    let answer = wait(pool.submit(ManyBuffers(1000)));
+    // SAFETY: restores the limits read above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &ours) };
+    let err = answer.unwrap_err();
+    assert!(err.is_worker_crash(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("after the pool closed its connection"),
+        "the error says the pool, not the worker, ended it: {err}"
+    );
+    assert!(
+        err.to_string().contains("out of file descriptors"),
+        "the error says why: {err}"
+    );
+    assert_eq!(
+        wait(pool.submit(Sum(pattern(10)))),
+        Ok(45),
+        "a replacement serves on"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+fn a_worker_may_hold_as_many_descriptors_as_the_system_allows() {
+    // Workers inherit a soft limit below the hard one, as on most systems (1024).
+    let ours = set_soft_fd_limit(512);
     let before = common::children();
     let pool = ProcessPool::builder().workers(1).build();
-    // SAFETY: as above; the parent's own limit is back before anything can fail.
+    // SAFETY: restores the limits read above, before anything can fail.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &ours) };
     let pool = pool.unwrap();
     wait(pool.submit(Sum(pattern(1)))).unwrap();
@@ -308,6 +342,10 @@ fn main() {
         (
             "too_many_buffers_in_a_request_or_an_answer_fail_only_that_task",
             too_many_buffers_in_a_request_or_an_answer_fail_only_that_task,
+        ),
+        (
+            "a_parent_out_of_descriptors_fails_the_task_saying_so",
+            a_parent_out_of_descriptors_fails_the_task_saying_so,
         ),
         (
             "a_worker_may_hold_as_many_descriptors_as_the_system_allows",
