@@ -73,12 +73,6 @@ thread_local! {
     static DECODE_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Forgets a recorded decode failure: call before a decode whose errors go through
-/// [`describe`], so a failure from some earlier, unrelated decode is not reported for it.
-pub fn clear_decode_error() {
-    DECODE_ERROR.with_borrow_mut(|slot| *slot = None);
-}
-
 /// Records why a value could not be decoded, for [`decode_with_fds`] to report (postcard
 /// drops the message of a custom error). Returns the message, for the value's own error.
 pub fn decode_failed(message: String) -> String {
@@ -111,9 +105,14 @@ pub fn suspended<R>(f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Runs `decode` with `fds` for the values to take ([`get`]). Returns the result, the list,
-/// and how many descriptors from its front the values referred to.
-pub fn providing<R>(fds: Vec<Fd>, decode: impl FnOnce() -> R) -> (R, Vec<Fd>, usize) {
+/// Runs `decode`, one decode of ours, with `fds` for the values to take ([`get`]) and no
+/// failure recorded ([`decode_failed`]) by an earlier, unrelated decode. Returns the result,
+/// the list, and how many descriptors from its front the values referred to.
+///
+/// The list is installed even when it is empty: a decode nested in another (a task's input
+/// decoded inside a batch's) must not find the outer decode's descriptors.
+pub fn decoding<R>(fds: Vec<Fd>, decode: impl FnOnce() -> R) -> (R, Vec<Fd>, usize) {
+    DECODE_ERROR.with_borrow_mut(|slot| *slot = None);
     let outer = INCOMING.with_borrow_mut(|slot| slot.replace(Incoming { fds, used: 0 }));
     let paused = PAUSED.replace(false);
     let result = decode();
@@ -179,14 +178,9 @@ pub fn decode_with_fds<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     fds: &[Fd],
 ) -> Result<T, String> {
-    clear_decode_error();
-    let result = if fds.is_empty() {
-        // Nothing to provide; `get` finds no list and values report what they miss.
-        postcard::from_bytes(bytes)
-    } else {
-        providing(fds.to_vec(), || postcard::from_bytes(bytes)).0
-    };
-    result.map_err(describe)
+    decoding(fds.to_vec(), || postcard::from_bytes(bytes))
+        .0
+        .map_err(describe)
 }
 
 /// What went wrong in a decode: postcard's error, or the message a value recorded with
@@ -242,8 +236,33 @@ mod tests {
     fn a_decode_reports_how_many_descriptors_it_used() {
         let fd = Fd::new(std::fs::File::open("/dev/null").expect("open").into());
         let list = vec![fd.clone(), fd.clone(), fd];
-        let (found, list, used) = providing(list, || (get(1).is_some(), get(7).is_some()));
+        let (found, list, used) = decoding(list, || (get(1).is_some(), get(7).is_some()));
         assert_eq!((found, list.len(), used), ((true, false), 3, 2));
         assert!(get(0).is_none(), "nothing is provided after the decode");
+    }
+
+    #[test]
+    fn a_nested_decode_without_descriptors_does_not_see_the_outer_ones() {
+        let fd = Fd::new(std::fs::File::open("/dev/null").expect("open").into());
+        /// A value that looks for the descriptor at index 0 as it decodes.
+        struct Probe(bool);
+        impl<'de> serde::Deserialize<'de> for Probe {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <u8 as serde::Deserialize>::deserialize(d)?;
+                Ok(Probe(get(0).is_some()))
+            }
+        }
+        let ((outer, inner), _, _) = decoding(vec![fd], || {
+            let outer = decode_with_fds::<Probe>(&[0], &[]).map(|p| p.0);
+            (get(0).is_some(), outer)
+        });
+        assert_eq!((outer, inner), (true, Ok(false)));
+    }
+
+    #[test]
+    fn a_decode_does_not_report_an_earlier_decodes_failure() {
+        decode_failed("an earlier failure".into());
+        let (described, _, _) = decoding(Vec::new(), || describe(postcard::Error::SerdeDeCustom));
+        assert_ne!(described, "an earlier failure");
     }
 }

@@ -139,11 +139,7 @@ pub fn unpack_results<O: DeserializeOwned>(
     fds: &[Fd],
     count: usize,
 ) -> Vec<Result<O, TaskError>> {
-    attach::clear_decode_error();
-    if fds.is_empty() {
-        return unpack_results_here(name, bytes, count);
-    }
-    attach::providing(fds.to_vec(), || unpack_results_here(name, bytes, count)).0
+    attach::decoding(fds.to_vec(), || unpack_results_here(name, bytes, count)).0
 }
 
 fn unpack_results_here<O: DeserializeOwned>(
@@ -234,9 +230,8 @@ pub(crate) fn run_packed<T: crate::Task>(
     out: &mut Vec<u8>,
     out_fds: &mut Vec<Fd>,
 ) -> usize {
-    attach::clear_decode_error();
     let ((failed, _, _), collected) = attach::collecting(|| {
-        attach::providing(fds.to_vec(), || run_packed_here::<T>(input, count, out))
+        attach::decoding(fds.to_vec(), || run_packed_here::<T>(input, count, out))
     });
     out_fds.extend(collected);
     failed

@@ -328,8 +328,7 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`], or [`FrameError::Malformed`] when the bytes are not an `M`.
     pub fn next_message<M: DeserializeOwned>(&mut self) -> Result<Option<M>, FrameError> {
-        attach::clear_decode_error();
-        let mut fds = std::mem::take(&mut self.fds);
+        let fds = std::mem::take(&mut self.fds);
         let Some(body) = self.next_body()? else {
             self.fds = fds;
             return Ok(None);
@@ -346,16 +345,10 @@ impl FrameDecoder {
             Some(frame) => Blob::decode_in_place(frame, || postcard::from_bytes(bytes)),
             None => postcard::from_bytes(bytes),
         };
-        let decoded = if fds.is_empty() {
-            decode()
-        } else {
-            // The frame's descriptors are the first ones queued; it says how many it took.
-            let (decoded, rest, used) = attach::providing(fds, decode);
-            fds = rest;
-            fds.drain(..used);
-            decoded
-        };
-        self.fds = fds;
+        // The frame's descriptors are the first ones queued; it says how many it took.
+        let (decoded, mut rest, used) = attach::decoding(fds, decode);
+        rest.drain(..used);
+        self.fds = rest;
         decoded.map(Some).map_err(|e| FrameError::Malformed {
             len,
             reason: attach::describe(e),
