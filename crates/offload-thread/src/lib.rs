@@ -29,6 +29,7 @@
 //! ```
 
 mod builder;
+mod job;
 mod pool;
 mod queue;
 

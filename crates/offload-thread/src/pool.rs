@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use offload_core::backend::{self, catch_task_panic, Completer};
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 
-use crate::queue::{Job, Queue};
+use crate::job::Job;
+use crate::queue::Queue;
 use crate::ThreadPoolBuilder;
 
 /// A fixed set of OS threads that run tasks and closures.
@@ -171,13 +172,13 @@ impl ThreadPool {
 }
 
 /// Binds `f` to its completer: the job skips cancelled work, makes the cancel flag current,
-/// catches panics, and completes the handle.
+/// catches panics (so a job never unwinds), and completes the handle.
 fn job<F, R>(completer: Completer<R>, f: F) -> Job
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    Box::new(move || {
+    Job::new(move || {
         if !completer.start() {
             return;
         }

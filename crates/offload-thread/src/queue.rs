@@ -4,9 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-/// One unit of queued work: a task (or batch) bound to its completer. Never unwinds: the
-/// task's panics are caught inside.
-pub(crate) type Job = Box<dyn FnOnce() + Send>;
+use crate::job::Job;
 
 /// A FIFO of jobs with a closed flag, plus the count of live workers for `join`.
 #[derive(Default)]
@@ -155,7 +153,7 @@ impl Drop for LiveGuard<'_> {
 /// A worker thread's life after its initializer: run jobs until the queue closes and drains.
 pub(crate) fn run_worker(queue: &Queue) {
     while let Some(job) = queue.next() {
-        job();
+        job.run();
     }
 }
 
@@ -189,7 +187,7 @@ mod tests {
         for _ in 0..10_000 {
             let ran = ran.clone();
             let pushed = queue.try_push((), move |()| {
-                Box::new(move || {
+                Job::new(move || {
                     ran.fetch_add(1, Ordering::Relaxed);
                 })
             });
