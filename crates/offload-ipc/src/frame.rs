@@ -142,6 +142,60 @@ pub fn encode_with_fds<M: Serialize + ?Sized>(
     Ok(())
 }
 
+/// Blobs at least this large are not copied into a frame's write buffer: the frame is written
+/// in two pieces, everything before the blob's bytes ([`encode_split`]) and then the bytes
+/// straight from the blob. For megabytes, copying into the buffer (and, for a worker's
+/// answer, faulting in a fresh buffer for it) cost more than the socket write.
+pub const SPLIT_MIN: usize = 1 << 20;
+
+/// Encodes the frame of a message whose encoding ends with the bytes `tail` (the bytes of the
+/// message's last field, a blob), without copying them: `head` is the same message with
+/// those bytes left empty. Appends the frame's header and everything before `tail` to `out`,
+/// and the descriptors of values in `head` to `fds`; the frame is what was appended, then
+/// `tail`.
+///
+/// # Errors
+///
+/// As for [`encode_with_fds`], the size counting `tail`; [`FrameError::Encode`] when `head`
+/// does not end with an empty blob. On error nothing is appended to either.
+pub fn encode_split<M: Serialize + ?Sized>(
+    head: &M,
+    tail: &[u8],
+    out: &mut Vec<u8>,
+    fds: &mut Vec<Fd>,
+    max: usize,
+) -> Result<(), FrameError> {
+    let (start, fds_before) = (out.len(), fds.len());
+    encode_with_fds(head, out, fds, max)?;
+    let undo = |out: &mut Vec<u8>, fds: &mut Vec<Fd>, e: FrameError| {
+        out.truncate(start);
+        fds.truncate(fds_before);
+        Err(e)
+    };
+    // An empty blob ends with its length, 0; `tail`'s length goes in its place (postcard
+    // writes a length of bytes as a varint, as it writes a u64).
+    if out.len() == start + HEADER_LEN || out.last() != Some(&0) {
+        return undo(
+            out,
+            fds,
+            FrameError::Encode("a split frame must end with a blob".into()),
+        );
+    }
+    out.pop();
+    let mut varint = [0u8; 10];
+    match postcard::to_slice(&(tail.len() as u64), &mut varint) {
+        Ok(length) => out.extend_from_slice(length),
+        Err(e) => return undo(out, fds, FrameError::Encode(e.to_string())),
+    }
+    let len = out.len() - start - HEADER_LEN + tail.len();
+    let prefix = match u32::try_from(len) {
+        Ok(prefix) if len <= max => prefix,
+        _ => return undo(out, fds, FrameError::TooLarge { len, max }),
+    };
+    out[start..start + HEADER_LEN].copy_from_slice(&prefix.to_le_bytes());
+    Ok(())
+}
+
 /// Frames at least this large are decoded in place: their blobs keep their bytes in the
 /// frame's buffer rather than copy them out (see [`Blob::decode_in_place`]). Not smaller
 /// ones: each such frame leaves the decoder to grow a new buffer, and `map`'s answers
@@ -483,6 +537,43 @@ mod tests {
         feed(&mut decoder, &wire);
         let err = decoder.next_message::<(u64, String)>().unwrap_err();
         assert!(matches!(err, FrameError::Malformed { len: 5, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_split_frame_is_the_frame_with_its_blob_bytes_at_the_end() {
+        for len in [0usize, 1, 127, 128, 300, 70_000, 3 << 20] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let message = (42u64, "task".to_string(), Blob::new(bytes.clone()));
+            let mut whole = Vec::new();
+            encode(&message, &mut whole, 8 << 20).unwrap();
+            let head = (42u64, "task".to_string(), Blob::new(Vec::new()));
+            let mut split = b"before".to_vec();
+            let mut fds = Vec::new();
+            encode_split(&head, &bytes, &mut split, &mut fds, 8 << 20).unwrap();
+            split.extend_from_slice(&bytes);
+            assert_eq!(&split[6..], &whole[..], "{len} bytes");
+        }
+        let mut out = Vec::new();
+        let err = encode_split(
+            &(1u8, Blob::new(vec![])),
+            &[0; 100],
+            &mut out,
+            &mut Vec::new(),
+            50,
+        );
+        assert!(
+            matches!(err, Err(FrameError::TooLarge { len: 104, max: 50 })),
+            "{err:?}"
+        );
+        let err = encode_split(
+            &(Blob::new(vec![]), 5u8),
+            &[0; 10],
+            &mut out,
+            &mut Vec::new(),
+            50,
+        );
+        assert!(matches!(err, Err(FrameError::Encode(_))), "{err:?}");
+        assert!(out.is_empty(), "nothing appended on error");
     }
 
     #[test]

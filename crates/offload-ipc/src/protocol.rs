@@ -127,6 +127,15 @@ impl Blob {
         self.fds.as_deref().unwrap_or(&[])
     }
 
+    /// A blob with the same descriptors and no bytes: the head of a split frame
+    /// ([`frame::encode_split`](crate::frame::encode_split)).
+    pub fn without_bytes(&self) -> Blob {
+        Blob {
+            bytes: Repr::Owned(Vec::new()),
+            fds: self.fds.clone(),
+        }
+    }
+
     /// Number of bytes.
     pub fn len(&self) -> usize {
         self.as_bytes().len()

@@ -357,6 +357,27 @@ impl Outbox {
         let inner = &mut *inner;
         inner.buf.clear();
         inner.fds.clear();
+        if let ToParent::Done {
+            id,
+            output: Ok(output),
+        } = &message
+        {
+            if output.len() >= frame::SPLIT_MIN {
+                // The output's bytes go out from where they are, not through `buf`.
+                let head = ToParent::Done {
+                    id: *id,
+                    output: Ok(output.without_bytes()),
+                };
+                let tail = output.as_bytes();
+                if frame::encode_split(&head, tail, &mut inner.buf, &mut inner.fds, inner.max_frame)
+                    .is_ok()
+                {
+                    write_or_exit(inner, tail);
+                    return;
+                }
+                // Over the limit: the usual path below reports it.
+            }
+        }
         if let Err(e) =
             frame::encode_with_fds(&message, &mut inner.buf, &mut inner.fds, inner.max_frame)
         {
@@ -383,7 +404,7 @@ impl Outbox {
                 return;
             }
         }
-        write_or_exit(inner);
+        write_or_exit(inner, &[]);
     }
 
     /// Writes a message (a handshake, a log record).
@@ -392,20 +413,22 @@ impl Outbox {
         let inner = &mut *inner;
         inner.buf.clear();
         if frame::encode(message, &mut inner.buf, inner.max_frame).is_ok() {
-            write_or_exit(inner);
+            write_or_exit(inner, &[]);
         }
     }
 }
 
-/// Writes the encoded buffer. A failed write means the parent is gone: the worker exits.
-fn write_or_exit(inner: &mut OutboxInner) {
+/// Writes the encoded buffer, then `tail` (the rest of a split frame). A failed write means
+/// the parent is gone: the worker exits.
+fn write_or_exit(inner: &mut OutboxInner, tail: &[u8]) {
     let Stream::UdSocket(socket) = inner.send;
+    let mut send = inner.send;
     let written = if inner.fds.is_empty() {
-        let mut send = inner.send;
         send.write_all(&inner.buf)
     } else {
         fdpass::send_all(socket.as_fd().as_raw_fd(), &inner.buf, &inner.fds)
-    };
+    }
+    .and_then(|()| send.write_all(tail));
     if written.is_err() {
         std::process::exit(exit_code::DONE);
     }

@@ -13,7 +13,7 @@ use interprocess::local_socket::tokio::{prelude::*, Stream};
 use offload_core::backend::Fd;
 use offload_ipc::frame::{self, FrameDecoder, FrameError};
 use offload_ipc::handshake::{check_hello, HandshakeError};
-use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
+use offload_ipc::protocol::{Blob, ToParent, ToWorker, TOKEN_LEN};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::lane::Lane;
@@ -224,30 +224,84 @@ async fn write_loop(
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut fds = Vec::new();
-    while let Some(message) = outgoing.recv().await {
+    while let Some(first) = outgoing.recv().await {
         buf.clear();
         fds.clear();
-        encode(&message, &mut buf, &mut fds, max_frame, pid);
-        let mut count = 1;
-        while buf.len() < WRITE_BATCH {
-            match outgoing.try_recv() {
-                Ok(message) => {
-                    encode(&message, &mut buf, &mut fds, max_frame, pid);
-                    count += 1;
-                }
-                Err(_) => break,
+        let mut count = 0;
+        // A request with a large input is written on its own, after what is batched before
+        // it, its input straight from the request (`frame::encode_split`).
+        let mut large = None;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            if large_input(&message).is_some() {
+                large = Some(message);
+                break;
+            }
+            encode(&message, &mut buf, &mut fds, max_frame, pid);
+            count += 1;
+            if buf.len() < WRITE_BATCH {
+                next = outgoing.try_recv().ok();
             }
         }
         lane.wait_for_caller().await;
-        let written = stream.write_all(&buf, &fds).await;
-        // Sent: the worker has its own copies now. Holding ours until the next message
-        // would pin a finished task's shared memory for as long as this worker idles.
-        fds.clear();
-        if written.is_err() {
-            return;
+        if count > 0 {
+            let written = stream.write_all(&buf, &fds).await;
+            // Sent: the worker has its own copies now. Holding ours until the next message
+            // would pin a finished task's shared memory for as long as this worker idles.
+            fds.clear();
+            if written.is_err() {
+                return;
+            }
+            lane.unwritten.fetch_sub(count, Ordering::AcqRel);
         }
-        lane.unwritten.fetch_sub(count, Ordering::AcqRel);
+        if let Some(message) = large {
+            buf.clear();
+            if write_split(&stream, &message, &mut buf, &mut fds, max_frame, pid)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            fds.clear();
+            lane.unwritten.fetch_sub(1, Ordering::AcqRel);
+        }
     }
+}
+
+/// The input of a request whose input is large enough to be written from where it is.
+fn large_input(message: &ToWorker) -> Option<&Blob> {
+    match message {
+        ToWorker::Run { input, .. } if input.len() >= frame::SPLIT_MIN => Some(input),
+        _ => None,
+    }
+}
+
+/// Writes one request with a large input: its frame up to the input's bytes, then the bytes.
+async fn write_split(
+    stream: &Socket,
+    message: &ToWorker,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<Fd>,
+    max_frame: usize,
+    pid: u32,
+) -> std::io::Result<()> {
+    let (ToWorker::Run { id, task, input }, Some(_)) = (message, large_input(message)) else {
+        encode(message, buf, fds, max_frame, pid);
+        return stream.write_all(buf, fds).await;
+    };
+    let head = ToWorker::Run {
+        id: *id,
+        task: task.clone(),
+        input: input.without_bytes(),
+    };
+    let tail = input.as_bytes();
+    if frame::encode_split(&head, tail, buf, fds, max_frame).is_err() {
+        // Sizes are checked at submit; the usual encode logs what is wrong.
+        encode(message, buf, fds, max_frame, pid);
+        return stream.write_all(buf, fds).await;
+    }
+    stream.write_all(buf, fds).await?;
+    stream.write_all(tail, &[]).await
 }
 
 fn encode(message: &ToWorker, buf: &mut Vec<u8>, fds: &mut Vec<Fd>, max_frame: usize, pid: u32) {

@@ -540,6 +540,11 @@ fn large_payloads_round_trip_and_oversized_ones_are_refused() {
     let err = wait(pool.submit(Echo(vec![0; 20 << 20]))).unwrap_err();
     assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
     assert!(err.to_string().contains("max_frame_size"), "{err}");
+    // Outputs from 1 MiB on are written from where they are, beside their frame's head.
+    assert_eq!(wait(pool.submit(Make(3 << 20))), Ok(vec![1; 3 << 20]));
+    let err = wait(pool.submit(Make(17 << 20))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("max_frame_size"), "{err}");
     assert_eq!(
         wait(pool.submit(Square(3))),
         Ok(9),
