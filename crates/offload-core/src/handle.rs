@@ -41,7 +41,15 @@ struct Inner<T> {
     blocked: usize,
     /// Set by a backend that can stop running work (e.g. by sending a cancel frame).
     on_cancel: Option<Box<dyn FnOnce() + Send>>,
+    /// Set by a backend whose blocked caller can fetch the result itself; the first blocking
+    /// wait runs it (see [`WaitHelper`]).
+    helper: Option<WaitHelper>,
 }
+
+/// Run by a blocking [`TaskHandle::wait`] before it sleeps: fetches the result on the
+/// caller's thread if it can, and returns once the probe says the task is done, the deadline
+/// passes, or it cannot help (the wait then sleeps as usual).
+pub(crate) type WaitHelper = Box<dyn FnOnce(&dyn Fn() -> bool, Option<Instant>) + Send>;
 
 impl<T> Shared<T> {
     pub(crate) fn new(name: &'static str, status: Status) -> Self {
@@ -53,6 +61,7 @@ impl<T> Shared<T> {
                 waker: None,
                 blocked: 0,
                 on_cancel: None,
+                helper: None,
             }),
             done: Condvar::new(),
             cancelled: AtomicBool::new(false),
@@ -111,9 +120,12 @@ impl<T> Shared<T> {
         inner.status = Status::Done;
         inner.result = Some(result);
         let hook = inner.on_cancel.take().filter(|_| cancelling);
+        let helper = inner.helper.take();
         let waker = inner.waker.take();
         let blocked = inner.blocked > 0;
         drop(inner);
+        // Not needed any more; its captures may be user-visible resources (a connection).
+        drop(helper);
         if blocked {
             self.done.notify_all();
         }
@@ -135,6 +147,14 @@ impl<T> Shared<T> {
         } else if self.is_cancel_raised() {
             drop(inner);
             hook();
+        }
+    }
+
+    /// Installs the helper of the first blocking wait, unless the task already finished.
+    pub(crate) fn set_wait_helper(&self, helper: WaitHelper) {
+        let mut inner = self.lock();
+        if inner.status != Status::Done {
+            inner.helper = Some(helper);
         }
     }
 
@@ -272,6 +292,14 @@ impl<T> TaskHandle<T> {
 
     fn wait_until(&mut self, deadline: Option<Instant>) -> Option<Result<T, TaskError>> {
         let mut inner = self.shared.lock();
+        if let Some(helper) = inner.helper.take() {
+            if inner.result.is_none() {
+                drop(inner);
+                let shared = &self.shared;
+                helper(&|| shared.status() == Status::Done, deadline);
+                inner = self.shared.lock();
+            }
+        }
         loop {
             if let Some(result) = inner.result.take() {
                 self.taken = true;

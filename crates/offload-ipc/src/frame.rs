@@ -309,6 +309,11 @@ impl FrameDecoder {
         &mut self.buf[self.end..]
     }
 
+    /// True when part of a frame is buffered (a frame, or its header, not complete yet).
+    pub fn has_partial(&self) -> bool {
+        self.end > self.start
+    }
+
     /// Records that `n` bytes were read into the slice from [`read_buf`](Self::read_buf).
     pub fn filled(&mut self, n: usize) {
         self.end = (self.end + n).min(self.buf.len());

@@ -17,6 +17,7 @@ use offload_ipc::protocol::{Blob, ToParent, ToWorker, TOKEN_LEN};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::lane::Lane;
+use crate::reader::{Drained, End, SharedReader};
 use crate::socket::Socket;
 
 /// The largest first frame accepted from an unauthenticated peer.
@@ -45,6 +46,12 @@ pub(crate) enum Event {
     Message {
         pid: u32,
         message: ToParent,
+    },
+    /// A caller read the answer to a request it wrote to this worker and finished it (see
+    /// `reader`): sent when the pool must count what a worker served (recycling) or how long
+    /// it idles (elastic pools).
+    DirectDone {
+        pid: u32,
     },
     /// The connection ended: `closed` says why, when the pool closed it.
     Disconnected {
@@ -154,7 +161,19 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     }
     reader.decoder.set_max(accept.max_frame);
     reader.decoder.accept_fds();
-    let lane = match Lane::new(stream.get_ref()) {
+    let shared = match SharedReader::new(pid, stream.get_ref(), reader.decoder, events.clone()) {
+        Ok(shared) => Arc::new(shared),
+        Err(e) => {
+            let reason = format!("cannot duplicate the socket of worker {pid}: {e}");
+            tracing::warn!(
+                worker.pid = pid,
+                "closing the connection to worker {pid}: {reason}"
+            );
+            let _ = events.send(Event::Refused { pid, reason });
+            return;
+        }
+    };
+    let lane = match Lane::new(stream.get_ref(), shared.clone()) {
         Ok(lane) => Arc::new(lane),
         Err(e) => {
             let reason = format!("cannot duplicate the socket of worker {pid}: {e}");
@@ -176,22 +195,35 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     if events.send(connected).is_err() {
         return;
     }
-    tokio::spawn(write_loop(stream, outgoing, lane, accept.max_frame, pid));
+    tokio::spawn(write_loop(
+        stream.clone(),
+        outgoing,
+        lane,
+        accept.max_frame,
+        pid,
+    ));
+    // Hand every frame to the scheduler, unless a caller waiting for its answer is reading
+    // (see `reader`): then wait until it lets go.
     let closed = loop {
-        match reader.next().await {
-            Ok(Some(message)) => {
-                if events.send(Event::Message { pid, message }).is_err() {
-                    return;
-                }
-            }
-            Ok(None) => break None,
-            Err(e) => {
+        match shared.drain() {
+            Drained::Ended(End::Eof) => break None,
+            Drained::Ended(End::Failed(e)) => {
                 tracing::warn!(
                     worker.pid = pid,
                     "closing the connection to worker {pid}: {e}"
                 );
-                break Some(e.to_string());
+                break Some(e);
             }
+            Drained::Empty | Drained::Busy => {}
+        }
+        tokio::select! {
+            ready = stream.readable() => {
+                if let Err(e) = ready {
+                    tracing::warn!(worker.pid = pid, "closing the connection to worker {pid}: {e}");
+                    break Some(e.to_string());
+                }
+            }
+            () = shared.released.notified() => {}
         }
     };
     let _ = events.send(Event::Disconnected { pid, closed });

@@ -43,6 +43,7 @@ mod job;
 mod lane;
 mod pool;
 mod reactor;
+mod reader;
 mod scheduler;
 mod socket;
 mod spawner;

@@ -5,13 +5,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use offload_core::backend::{attach, Fd};
+use offload_core::backend::{self, attach, Fd};
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 use offload_ipc::frame;
 use offload_ipc::protocol::Blob;
 
 use crate::job::{self, Job, Payload, TaskOptions};
-use crate::lane::{Lanes, Sent, DIRECT_MAX};
+use crate::lane::{self, Lanes, Sent, DIRECT_MAX};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
 use crate::stats::Published;
@@ -118,6 +118,9 @@ impl ProcessPool {
         // Requests callers wrote to idle workers themselves, which the reactor has not taken
         // over yet.
         stats.running += self.inner.lanes.pending();
+        // Requests whose callers read their answers themselves.
+        stats.completed += self.inner.lanes.direct_completed.load(Ordering::Relaxed);
+        stats.failed += self.inner.lanes.direct_failed.load(Ordering::Relaxed);
         stats
     }
 
@@ -156,7 +159,13 @@ impl ProcessPool {
         let id = self.next_id();
         let (job, handle) = job::one(id, T::NAME, input, options, self.canceller(id));
         match self.send_direct(job, options) {
-            Ok(Sent::Written) => {}
+            Ok(Sent::Written(lane)) => {
+                // A blocking wait reads the answer itself (see `reader`).
+                let lanes = Arc::downgrade(&self.inner.lanes);
+                backend::help_wait(&handle, move |done, deadline| {
+                    lane::help_wait(&lanes, &lane, (id, T::NAME), done, deadline);
+                });
+            }
             Ok(Sent::Broken) => {
                 let _ = self.inner.commands.send(Command::CheckLanes);
             }

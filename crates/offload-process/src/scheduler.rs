@@ -361,6 +361,7 @@ impl Scheduler {
                 }
             }
             Event::Settle { pid } => self.finalize(pid),
+            Event::DirectDone { pid } => self.on_direct_done(pid),
             Event::Deadline { pid, id, timeout } => {
                 self.kill_if_running(pid, id, Kill::TimedOut(timeout))
             }
@@ -469,6 +470,18 @@ impl Scheduler {
             self.settled.push((job, outcome));
         }
         self.arm_front(pid);
+        self.recycle_if_due(pid);
+        self.note_if_idle(pid);
+    }
+
+    /// A caller finished a request it wrote to worker `pid` (see `reader`): count it as
+    /// served, as if the request had been adopted and answered here.
+    fn on_direct_done(&mut self, pid: u32) {
+        let Some(worker) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        worker.served += 1;
+        worker.idle_since = None;
         self.recycle_if_due(pid);
         self.note_if_idle(pid);
     }

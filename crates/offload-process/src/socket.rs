@@ -52,6 +52,15 @@ impl Socket {
         Ok(n)
     }
 
+    /// Waits until the socket has something to read (or has ended). Readiness is cleared at
+    /// once: the caller reads until the socket is empty after every wake-up (a caller
+    /// helping in `reader` may have taken the bytes that woke it).
+    pub(crate) async fn readable(&self) -> std::io::Result<()> {
+        let mut ready = self.fd.readable().await?;
+        ready.clear_ready();
+        Ok(())
+    }
+
     /// Writes all of `buf`, `fds` with its first bytes (see [`fdpass::Outgoing`]).
     pub(crate) async fn write_all(&self, buf: &[u8], fds: &[Fd]) -> std::io::Result<()> {
         let socket = self.fd.get_ref().as_raw_fd();

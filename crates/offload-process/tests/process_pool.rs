@@ -160,6 +160,30 @@ fn temp_path(tag: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 task!(Sleep(u64) -> (), |s| std::thread::sleep(Duration::from_millis(s.0)));
+task!(SleepThenAnswer(u64) -> DecodedOn, |s| {
+    std::thread::sleep(Duration::from_millis(s.0));
+    DecodedOn(None)
+});
+
+/// An output that notes which thread of the parent decoded it.
+#[derive(Debug, PartialEq)]
+struct DecodedOn(Option<String>);
+
+impl Serialize for DecodedOn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+impl<'de> Deserialize<'de> for DecodedOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <()>::deserialize(d)?;
+        let thread = std::thread::current();
+        Ok(DecodedOn(Some(
+            thread.name().unwrap_or("unnamed").to_owned(),
+        )))
+    }
+}
 task!(MarkThenSleep(String, u64) -> (), |s| {
     // The file says the task has started (sent is not started: a cancel that arrives first
     // keeps it from running at all).
@@ -1278,6 +1302,46 @@ fn extra_workers_that_never_get_work_still_time_out() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// A caller blocked in `wait` reads its answer from the worker's socket itself, rather than
+/// being woken by the pool's I/O thread (one thread hand-off less per round trip): the
+/// output is decoded on the caller's thread. The I/O thread still reads whatever the caller
+/// does not wait for, and every request is counted.
+fn a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it() {
+    let pool = pool(1);
+    let caller = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .to_owned();
+    for _ in 0..3 {
+        let output = wait(pool.submit(SleepThenAnswer(30))).unwrap();
+        assert_eq!(output, DecodedOn(Some(caller.clone())));
+    }
+    // Awaited, not waited: the I/O thread delivers it.
+    let output = futures::executor::block_on(pool.submit(SleepThenAnswer(30))).unwrap();
+    assert_eq!(output, DecodedOn(Some("offload-io".into())));
+    for i in 0..100 {
+        assert_eq!(wait(pool.submit(Square(i))), Ok(i * i));
+    }
+    let stats = pool.stats();
+    assert_eq!((stats.completed, stats.failed), (104, 0), "{stats:?}");
+    assert_eq!((stats.queued, stats.running), (0, 0), "{stats:?}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
+/// A wait that times out while its caller reads the worker's socket leaves the answer to
+/// the pool's I/O thread: a later wait (or await) gets it.
+fn a_wait_that_times_out_leaves_the_answer_to_the_pool() {
+    let pool = pool(1);
+    let mut handle = pool.submit(SleepThenAnswer(300));
+    assert_eq!(handle.wait_timeout(Duration::from_millis(30)), None);
+    assert_eq!(
+        handle.wait_timeout(LIMIT),
+        Some(Ok(DecodedOn(Some("offload-io".into()))))
+    );
+    assert_eq!(wait(pool.submit(Square(3))), Ok(9), "the lane works again");
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn stats_count_what_happened() {
     let pool = pool(2);
     for h in (0..10).map(|i| pool.submit(Square(i))).collect::<Vec<_>>() {
@@ -1639,6 +1703,8 @@ fn main() {
         eight_workers_start_side_by_side_and_all_stay_up,
         extra_workers_that_never_get_work_still_time_out,
         stats_count_what_happened,
+        a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it,
+        a_wait_that_times_out_leaves_the_answer_to_the_pool,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
         a_worker_holds_only_its_standard_streams_and_its_connection,

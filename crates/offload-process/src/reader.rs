@@ -1,0 +1,467 @@
+//! The read side of a worker connection, shared by the pool's I/O thread and a caller
+//! blocked on the answer to a request it wrote directly (see `lane`).
+//!
+//! Through the I/O thread a round trip is three thread hand-offs: caller -> worker -> I/O
+//! thread -> caller. A caller blocked in `wait` that reads its answer from the socket itself
+//! makes it two, like a plain socket ping-pong. Either side reads only while it holds the
+//! [`SharedReader`]'s lock, and hands every frame that is not the caller's own answer to the
+//! scheduler, in order, as the I/O thread would. The I/O thread never waits for the lock: it
+//! waits for the socket or for [`SharedReader::released`], which a caller signals when it lets
+//! go, since it may leave bytes in the decoder or in the socket.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use offload_ipc::fdpass;
+use offload_ipc::frame::FrameDecoder;
+use offload_ipc::protocol::{Blob, ToParent, WireError};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
+
+use crate::connection::Event;
+use crate::forward;
+use crate::job::RequestId;
+
+/// How long a helping caller sleeps in `poll` before it looks at its handle and deadline
+/// again (a cancel from another thread, say).
+const HELP_POLL: Duration = Duration::from_millis(10);
+
+pub(crate) struct SharedReader {
+    pub(crate) pid: u32,
+    /// A duplicate of the connection's descriptor, for callers' reads.
+    fd: OwnedFd,
+    state: Mutex<ReadState>,
+    /// Signalled when a caller lets go of the reader.
+    pub(crate) released: Notify,
+    /// The id of the last answer handed to the scheduler (by the I/O thread, or by a caller
+    /// reading for its own): a caller that finds its own there knows it came too late.
+    handed_on: AtomicU64,
+    events: UnboundedSender<Event>,
+}
+
+struct ReadState {
+    decoder: FrameDecoder,
+    /// Set once the stream ended or failed; the I/O thread reports it.
+    ended: Option<End>,
+}
+
+/// How the stream ended.
+pub(crate) enum End {
+    Eof,
+    /// The connection cannot be read any more: why.
+    Failed(String),
+}
+
+/// What [`SharedReader::drain`] found.
+pub(crate) enum Drained {
+    /// Everything there was has been handed on; wait for the socket.
+    Empty,
+    /// A caller is reading; wait for [`SharedReader::released`].
+    Busy,
+    /// The stream ended; the scheduler must be told.
+    Ended(End),
+}
+
+/// What a helping caller found.
+enum Found {
+    Answer(Result<Blob, WireError>),
+    Nothing,
+}
+
+impl SharedReader {
+    pub(crate) fn new(
+        pid: u32,
+        fd: &impl std::os::fd::AsFd,
+        decoder: FrameDecoder,
+        events: UnboundedSender<Event>,
+    ) -> std::io::Result<Self> {
+        Ok(SharedReader {
+            pid,
+            fd: fd.as_fd().try_clone_to_owned()?,
+            state: Mutex::new(ReadState {
+                decoder,
+                ended: None,
+            }),
+            released: Notify::new(),
+            handed_on: AtomicU64::new(0),
+            events,
+        })
+    }
+
+    /// For the I/O thread: reads what is there without waiting and hands every frame to the
+    /// scheduler. Never blocks on the lock, and holds it only while bytes are there to read.
+    pub(crate) fn drain(&self) -> Drained {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::WouldBlock) => return Drained::Busy,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        loop {
+            match state.decoder.next_message::<ToParent>() {
+                Ok(Some(message)) => {
+                    if self.send(message).is_err() {
+                        return Drained::Ended(End::Eof);
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Drained::Ended(End::Failed(e.to_string())),
+            }
+            if let Some(end) = state.ended.take() {
+                return Drained::Ended(end);
+            }
+            match self.recv(&mut state) {
+                Ok(true) => {}
+                Ok(false) => return Drained::Empty,
+                Err(end) => return Drained::Ended(end),
+            }
+        }
+    }
+
+    /// For a caller blocked on request `id`, which it wrote to this worker: reads until its
+    /// answer comes, handing other frames to the scheduler, and returns the answer. `None`
+    /// when the I/O thread read the answer first (the scheduler delivers it), when `done()`
+    /// says the handle resolved some other way, when `deadline` passes, or when the stream
+    /// ended (the I/O thread reports that).
+    ///
+    /// Waits for the lock if the I/O thread holds it: it does only while it reads what is
+    /// there, a few microseconds. Giving up instead lost the race now and then to an I/O
+    /// thread woken by the previous answer, and the caller slept on its handle.
+    pub(crate) fn read_answer(
+        &self,
+        (id, name): (RequestId, &'static str),
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> Option<Result<Blob, WireError>> {
+        let (found, left_over) = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.handed_on.load(Ordering::Acquire) == id {
+                return None;
+            }
+            let found = self.read_answer_locked(&mut state, (id, name), done, deadline);
+            (found, self.hand_on_rest(&mut state))
+        };
+        if left_over {
+            // The I/O thread may have been woken by bytes this caller took, and skipped
+            // them: it must look again.
+            self.released.notify_one();
+        }
+        match found {
+            Found::Answer(output) => Some(output),
+            Found::Nothing => None,
+        }
+    }
+
+    /// Before a caller lets go: hands on the frames it read past its answer, and reads the
+    /// socket until it is empty. True when something is left for the I/O thread (a partial
+    /// frame, the end of the stream, a frame the scheduler could not take); waking the I/O
+    /// thread costs the caller a system call, so it is done only then.
+    fn hand_on_rest(&self, state: &mut ReadState) -> bool {
+        loop {
+            match state.decoder.next_message::<ToParent>() {
+                Ok(Some(message)) => {
+                    if self.send(message).is_err() {
+                        return true;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    state.ended = Some(End::Failed(e.to_string()));
+                    return true;
+                }
+            }
+            if state.ended.is_some() || state.decoder.has_partial() {
+                return true;
+            }
+            match self.recv(state) {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(end) => {
+                    state.ended = Some(end);
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn read_answer_locked(
+        &self,
+        state: &mut MutexGuard<'_, ReadState>,
+        (id, name): (RequestId, &'static str),
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> Found {
+        loop {
+            match state.decoder.next_message::<ToParent>() {
+                Ok(Some(ToParent::Done {
+                    id: answered,
+                    output,
+                })) if answered == id => {
+                    return Found::Answer(output);
+                }
+                // An event the task emitted: re-emitted here, under the task's name (the
+                // scheduler may never see the request, so it could not name it).
+                Ok(Some(ToParent::Log(record))) if record.request == Some(id) => {
+                    forward::emit(self.pid, Some(name), &record);
+                    continue;
+                }
+                Ok(Some(message)) => {
+                    if self.send(message).is_err() {
+                        return Found::Nothing;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    state.ended = Some(End::Failed(e.to_string()));
+                    return Found::Nothing;
+                }
+            }
+            if state.ended.is_some() || done() {
+                return Found::Nothing;
+            }
+            match self.recv(state) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let wait = match deadline {
+                        None => HELP_POLL,
+                        Some(deadline) => {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                return Found::Nothing;
+                            }
+                            left.min(HELP_POLL)
+                        }
+                    };
+                    self.wait_readable(wait);
+                }
+                Err(end) => {
+                    state.ended = Some(end);
+                    return Found::Nothing;
+                }
+            }
+        }
+    }
+
+    /// One non-blocking read into the decoder: true when bytes came, false when there were
+    /// none; the end of the stream or an error as `Err`.
+    fn recv(&self, state: &mut ReadState) -> Result<bool, End> {
+        let mut fds = Vec::new();
+        loop {
+            let read = fdpass::recv(
+                self.fd.as_raw_fd(),
+                state.decoder.read_buf(),
+                &mut fds,
+                libc::MSG_DONTWAIT,
+            );
+            match read {
+                Ok(0) => {
+                    return match state.decoder.finish() {
+                        Ok(()) => Err(End::Eof),
+                        Err(e) => Err(End::Failed(e.to_string())),
+                    }
+                }
+                Ok(n) => {
+                    state.decoder.filled(n);
+                    if let Err(e) = state.decoder.received_fds(fds) {
+                        return Err(End::Failed(e.to_string()));
+                    }
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Failed(e.to_string())),
+            }
+        }
+    }
+
+    fn wait_readable(&self, timeout: Duration) {
+        let mut fds = [libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = libc::c_int::try_from(timeout.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fds` is a live array of one pollfd, and its length is passed; the timeout
+        // bounds the wait, and the caller reads (or gives up) whatever woke it.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 1, ms);
+        }
+    }
+
+    /// Hands `message` to the scheduler (noting the id of an answer: see `handed_on`).
+    fn send(&self, message: ToParent) -> Result<(), ()> {
+        if let ToParent::Done { id, .. } = &message {
+            self.handed_on.store(*id, Ordering::Release);
+        }
+        self.events
+            .send(Event::Message {
+                pid: self.pid,
+                message,
+            })
+            .map_err(|_| ())
+    }
+
+    /// Hands a caller's answer back to the scheduler, when the scheduler owns the request.
+    pub(crate) fn hand_over(&self, id: RequestId, output: Result<Blob, WireError>) {
+        let _ = self.send(ToParent::Done { id, output });
+    }
+
+    /// Tells the scheduler a caller finished request(s) it wrote to this worker.
+    pub(crate) fn notify_direct_done(&self) {
+        let _ = self.events.send(Event::DirectDone { pid: self.pid });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use offload_ipc::frame;
+    use offload_ipc::protocol::LogRecord;
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use super::*;
+
+    fn wire(messages: &[ToParent]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for message in messages {
+            frame::encode(message, &mut out, 1 << 20).unwrap();
+        }
+        out
+    }
+
+    fn done(id: u64, byte: u8) -> ToParent {
+        ToParent::Done {
+            id,
+            output: Ok(Blob::new(vec![byte])),
+        }
+    }
+
+    fn log(message: &str) -> ToParent {
+        ToParent::Log(LogRecord {
+            request: Some(8),
+            level: 3,
+            target: "t".into(),
+            message: message.into(),
+            fields: Vec::new(),
+        })
+    }
+
+    fn setup() -> (SharedReader, UnixStream, UnboundedReceiver<Event>) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (events, received) = tokio::sync::mpsc::unbounded_channel();
+        let reader = SharedReader::new(5, &ours, FrameDecoder::new(1 << 20), events).unwrap();
+        (reader, peer, received)
+    }
+
+    fn forwarded(received: &mut UnboundedReceiver<Event>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(event) = received.try_recv() {
+            match event {
+                Event::Message {
+                    pid: 5,
+                    message: ToParent::Done { id, .. },
+                } => out.push(format!("done {id}")),
+                Event::Message {
+                    pid: 5,
+                    message: ToParent::Log(record),
+                } => out.push(format!("log {}", record.message)),
+                _ => out.push("other".into()),
+            }
+        }
+        out
+    }
+
+    fn soon() -> Option<Instant> {
+        Some(Instant::now() + Duration::from_secs(5))
+    }
+
+    /// The caller takes its own answer; every other frame reaches the scheduler in order,
+    /// including those that came in the same read after the answer, and a partial frame is
+    /// left for the I/O thread.
+    #[test]
+    fn a_caller_takes_its_answer_and_hands_on_everything_else_in_order() {
+        let (reader, mut peer, mut received) = setup();
+        let mut bytes = wire(&[log("before"), done(7, 1), done(9, 2), log("after")]);
+        let tail = wire(&[log("split")]);
+        bytes.extend_from_slice(&tail[..5]);
+        peer.write_all(&bytes).unwrap();
+
+        let answer = reader.read_answer((9, "t"), &|| false, soon());
+        assert_eq!(answer, Some(Ok(Blob::new(vec![2]))));
+        assert_eq!(
+            forwarded(&mut received),
+            ["log before", "done 7", "log after"]
+        );
+
+        peer.write_all(&tail[5..]).unwrap();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        assert_eq!(forwarded(&mut received), ["log split"]);
+    }
+
+    /// A caller waits for an answer that comes later, within its deadline.
+    #[test]
+    fn a_caller_waits_for_its_answer() {
+        let (reader, mut peer, _received) = setup();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(&wire(&[done(3, 4)])).unwrap();
+            peer
+        });
+        assert_eq!(
+            reader.read_answer((3, "t"), &|| false, soon()),
+            Some(Ok(Blob::new(vec![4])))
+        );
+        drop(writer.join().unwrap());
+    }
+
+    /// Past its deadline, or once its handle resolved some other way, a caller gives up and
+    /// the I/O thread reads on; the end of the stream is left for the I/O thread to report.
+    #[test]
+    fn a_caller_gives_up_at_its_deadline_at_done_and_at_the_end_of_the_stream() {
+        let (reader, mut peer, mut received) = setup();
+        let start = Instant::now();
+        let deadline = Some(start + Duration::from_millis(30));
+        assert_eq!(reader.read_answer((1, "t"), &|| false, deadline), None);
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(reader.read_answer((1, "t"), &|| true, None), None);
+
+        peer.write_all(&wire(&[done(1, 1)])).unwrap();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        assert_eq!(forwarded(&mut received), ["done 1"]);
+
+        drop(peer);
+        assert_eq!(reader.read_answer((2, "t"), &|| false, soon()), None);
+        assert!(matches!(reader.drain(), Drained::Ended(End::Eof)));
+    }
+
+    /// An answer the I/O thread handed to the scheduler before the caller came is not
+    /// waited for.
+    #[test]
+    fn a_caller_that_comes_after_the_io_thread_read_its_answer_does_not_wait_for_it() {
+        let (reader, mut peer, mut received) = setup();
+        peer.write_all(&wire(&[done(4, 1)])).unwrap();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        assert_eq!(forwarded(&mut received), ["done 4"]);
+        let start = Instant::now();
+        assert_eq!(reader.read_answer((4, "t"), &|| false, soon()), None);
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    /// While a caller reads, the I/O thread does not wait for the lock.
+    #[test]
+    fn the_io_thread_never_waits_for_a_reading_caller() {
+        let (reader, _peer, _received) = setup();
+        let state = reader.state.lock().unwrap();
+        assert!(matches!(reader.drain(), Drained::Busy));
+        drop(state);
+        assert!(matches!(reader.drain(), Drained::Empty));
+    }
+}
