@@ -231,12 +231,12 @@ impl ProcessPoolBuilder {
             memory_limit: self.memory_limit,
             spin: self.spin,
         };
-        let after_direct = crate::lane::AfterDirect {
-            reopen: self.max_tasks_per_worker.is_none(),
-            notify: self.max_tasks_per_worker.is_some() || max_workers > workers,
+        let direct_reads = crate::lane::DirectReads {
+            enabled: self.max_tasks_per_worker.is_none(),
+            notify: max_workers > workers,
         };
         let stats = Arc::new(Mutex::new(crate::stats::Published::default()));
-        let lanes = Arc::new(crate::lane::Lanes::new(after_direct));
+        let lanes = Arc::new(crate::lane::Lanes::new(direct_reads));
         let (commands, thread) = reactor::start(
             settings,
             self.max_frame,

@@ -48,8 +48,7 @@ pub(crate) enum Event {
         message: ToParent,
     },
     /// A caller read the answer to a request it wrote to this worker and finished it (see
-    /// `reader`): sent when the pool must count what a worker served (recycling) or how long
-    /// it idles (elastic pools).
+    /// `lane::help_wait`): sent in elastic pools, which time how long a worker idles.
     DirectDone {
         pid: u32,
     },

@@ -3,10 +3,10 @@
 //! A request's usual way is caller -> the reactor thread (a channel, and a wake-up) -> the
 //! worker. But when a worker is idle and nothing waits in the queue, the scheduler opens the
 //! worker's lane: the first caller to find it open closes it, writes its request to the
-//! socket itself, and leaves the job in the lane. The scheduler adopts the job before it reads
-//! the answer (it looks into the lanes before every event it handles), so the reactor thread
-//! is not woken to send it: one thread wake-up less on the round trip, which on a machine with
-//! few CPUs is most of a tiny task's cost.
+//! socket itself, and leaves the job in the lane. The scheduler adopts the job before it
+//! handles any event (it looks into the lanes first), so before any answer it reads itself;
+//! the reactor thread is not woken to send it: one thread wake-up less on the round trip,
+//! which on a machine with few CPUs is most of a tiny task's cost.
 //!
 //! Frames on a socket must never interleave. The scheduler closes a lane before it sends the
 //! worker anything, and opens it only when everything it sent has been written
@@ -16,8 +16,9 @@
 //! worker it wakes may run at once, and its answer must not find the lane locked.
 //!
 //! A caller that then blocks in `wait` reads the answer itself ([`help_wait`], through the
-//! connection's [`SharedReader`]): it takes its job back out of the lane, unless the scheduler
-//! adopted it meanwhile, and finishes it; the reactor thread is not woken for that either.
+//! connection's [`SharedReader`]): it takes its job back out of the lane and opens the lane
+//! again in one step ([`Lane::take_back`]), unless the scheduler adopted the job meanwhile,
+//! and finishes it; the reactor thread is not woken for that either.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -36,8 +37,8 @@ pub(crate) const DIRECT_MAX: usize = 64 * 1024;
 
 /// The lanes of a pool's connected workers, shared by its handles and its reactor.
 pub(crate) struct Lanes {
-    /// What a caller that finished its own request does with the lane.
-    after: AfterDirect,
+    /// Whether callers read their own answers.
+    pub(crate) direct_reads: DirectReads,
     lanes: Mutex<Vec<Arc<Lane>>>,
     /// How many lanes are open: callers skip the lock when none is.
     open: AtomicUsize,
@@ -50,9 +51,9 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    pub(crate) fn new(after: AfterDirect) -> Self {
+    pub(crate) fn new(direct_reads: DirectReads) -> Self {
         Lanes {
-            after,
+            direct_reads,
             lanes: Mutex::default(),
             open: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
@@ -118,15 +119,6 @@ impl Lanes {
         lock(&self.lanes).push(lane);
     }
 
-    /// Opens `lane` again after a caller finished the request it wrote there, if the lane is
-    /// still the pool's (its worker may have been replaced meanwhile).
-    fn reopen(&self, lane: &Arc<Lane>) {
-        let lanes = lock(&self.lanes);
-        if lanes.iter().any(|l| Arc::ptr_eq(l, lane)) {
-            self.open(lane);
-        }
-    }
-
     /// Removes a worker's lane, closing it.
     pub(crate) fn remove(&self, lane: &Arc<Lane>) {
         self.close(lane);
@@ -179,6 +171,9 @@ pub(crate) struct Lane {
     written: tokio::sync::Notify,
     /// A caller's write failed: the connection cannot be used any more.
     pub(crate) broken: AtomicBool,
+    /// Requests callers finished themselves ([`help_wait`]), for the scheduler to count as
+    /// served by this worker.
+    pub(crate) direct_served: AtomicU64,
 }
 
 struct LaneState {
@@ -212,6 +207,7 @@ impl Lane {
             writing: AtomicBool::new(false),
             written: tokio::sync::Notify::new(),
             broken: AtomicBool::new(false),
+            direct_served: AtomicU64::new(0),
         })
     }
 
@@ -236,15 +232,24 @@ impl Lane {
         lock(&self.state)
     }
 
-    /// Takes back request `id`, if it is still the one a caller left here: the scheduler has
-    /// not adopted it (and so has sent this worker nothing since).
-    fn take_direct(&self, id: RequestId) -> Option<Direct> {
+    /// Takes back request `id`, answered, if it is still the one a caller left here, and
+    /// opens the lane again. The scheduler adopts a lane's request whenever it closes the
+    /// lane, and closes it before it sends the worker anything (or retires it): so a request
+    /// still here means nothing was sent since, and the worker is idle now, as when the
+    /// scheduler opens a lane. Both happen under the lane's lock, in one step: opening it
+    /// later could undo a close the scheduler made in between.
+    fn take_back(&self, id: RequestId, open_count: &AtomicUsize) -> Option<Direct> {
         let mut state = self.state();
-        if state.direct.as_ref().is_some_and(|d| d.job.id == id) {
-            state.direct.take()
-        } else {
-            None
+        if state.direct.as_ref().is_none_or(|d| d.job.id != id) {
+            return None;
         }
+        let direct = state.direct.take();
+        self.direct_served.fetch_add(1, Ordering::AcqRel);
+        if !state.open && self.unwritten.load(Ordering::Acquire) == 0 {
+            state.open = true;
+            open_count.fetch_add(1, Ordering::AcqRel);
+        }
+        direct
     }
 
     /// Takes `job` if the lane is open, closing it, and marks a write under way.
@@ -264,13 +269,14 @@ impl Lane {
     }
 }
 
-/// What a caller that finished its own request does with the lane.
+/// Whether callers read their own answers, and what they tell the scheduler.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct AfterDirect {
-    /// Opens the lane again at once, so the caller's next request can go the same way
-    /// (not when the pool counts what a worker serves: the scheduler decides then).
-    pub(crate) reopen: bool,
-    /// Tells the scheduler (recycling and elastic pools track what a worker does).
+pub(crate) struct DirectReads {
+    /// Callers blocked in `wait` read their answers ([`help_wait`]). Not in pools that
+    /// recycle workers: the scheduler must count every request a worker serves before it
+    /// lets the worker take another.
+    pub(crate) enabled: bool,
+    /// Tell the scheduler each time (elastic pools time how long a worker idles).
     pub(crate) notify: bool,
 }
 
@@ -288,27 +294,22 @@ pub(crate) fn help_wait(
     let (Some(lanes), Some(lane)) = (lanes.upgrade(), lane.upgrade()) else {
         return;
     };
-    let Some(output) = lane.reader.read_answer((id, name), done, deadline) else {
+    let taken = lane.reader.read_answer((id, name), done, deadline, || {
+        lane.take_back(id, &lanes.open)
+    });
+    // Otherwise the scheduler settles it (if the answer came, it has it).
+    let Some((direct, output)) = taken else {
         return;
     };
-    match lane.take_direct(id) {
-        Some(direct) => {
-            let counter = if output.is_ok() {
-                &lanes.direct_completed
-            } else {
-                &lanes.direct_failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            if lanes.after.reopen {
-                lanes.reopen(&lane);
-            }
-            direct.job.finish(Outcome::One(output));
-            if lanes.after.notify {
-                lane.reader.notify_direct_done();
-            }
-        }
-        // The scheduler took the request over: it settles it.
-        None => lane.reader.hand_over(id, output),
+    let counter = if output.is_ok() {
+        &lanes.direct_completed
+    } else {
+        &lanes.direct_failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    direct.job.finish(Outcome::One(output));
+    if lanes.direct_reads.notify {
+        lane.reader.notify_direct_done();
     }
 }
 
@@ -380,8 +381,8 @@ mod tests {
         let chunk = [0u8; 4096];
         while (&ours).write(&chunk).is_ok() {}
 
-        let lanes = Arc::new(Lanes::new(AfterDirect {
-            reopen: true,
+        let lanes = Arc::new(Lanes::new(DirectReads {
+            enabled: true,
             notify: false,
         }));
         let (events, _) = tokio::sync::mpsc::unbounded_channel();

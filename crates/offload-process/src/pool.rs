@@ -159,13 +159,14 @@ impl ProcessPool {
         let id = self.next_id();
         let (job, handle) = job::one(id, T::NAME, input, options, self.canceller(id));
         match self.send_direct(job, options) {
-            Ok(Sent::Written(lane)) => {
+            Ok(Sent::Written(lane)) if self.inner.lanes.direct_reads.enabled => {
                 // A blocking wait reads the answer itself (see `reader`).
                 let lanes = Arc::downgrade(&self.inner.lanes);
                 backend::help_wait(&handle, move |done, deadline| {
                     lane::help_wait(&lanes, &lane, (id, T::NAME), done, deadline);
                 });
             }
+            Ok(Sent::Written(_)) => {}
             Ok(Sent::Broken) => {
                 let _ = self.inner.commands.send(Command::CheckLanes);
             }

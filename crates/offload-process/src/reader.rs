@@ -10,7 +10,7 @@
 //! go, since it may leave bytes in the decoder or in the socket.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -33,8 +33,11 @@ pub(crate) struct SharedReader {
     /// A duplicate of the connection's descriptor, for callers' reads.
     fd: OwnedFd,
     state: Mutex<ReadState>,
-    /// Signalled when a caller lets go of the reader.
+    /// Signalled when a caller lets go of the reader, if the I/O thread wanted it meanwhile
+    /// (`contended`) or something is left for it.
     pub(crate) released: Notify,
+    /// Set by the I/O thread when it found a caller holding the reader.
+    contended: AtomicBool,
     /// The id of the last answer handed to the scheduler (by the I/O thread, or by a caller
     /// reading for its own): a caller that finds its own there knows it came too late.
     handed_on: AtomicU64,
@@ -64,6 +67,19 @@ pub(crate) enum Drained {
     Ended(End),
 }
 
+/// Lets the I/O thread look again once a caller let go of the reader, if it found the reader
+/// taken meanwhile (bytes that woke it may be among those the caller read, or may have come
+/// after the caller's last read), or if something is left for it.
+struct Release<'a>(&'a SharedReader);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        if self.0.contended.swap(false, Ordering::SeqCst) {
+            self.0.released.notify_one();
+        }
+    }
+}
+
 /// What a helping caller found.
 enum Found {
     Answer(Result<Blob, WireError>),
@@ -85,6 +101,7 @@ impl SharedReader {
                 ended: None,
             }),
             released: Notify::new(),
+            contended: AtomicBool::new(false),
             handed_on: AtomicU64::new(0),
             events,
         })
@@ -95,7 +112,16 @@ impl SharedReader {
     pub(crate) fn drain(&self) -> Drained {
         let mut state = match self.state.try_lock() {
             Ok(state) => state,
-            Err(TryLockError::WouldBlock) => return Drained::Busy,
+            Err(TryLockError::WouldBlock) => {
+                // The caller checks this after it lets go, and wakes this thread. It may have
+                // let go just now, before seeing it: try once more.
+                self.contended.store(true, Ordering::SeqCst);
+                match self.state.try_lock() {
+                    Ok(state) => state,
+                    Err(TryLockError::WouldBlock) => return Drained::Busy,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                }
+            }
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
         loop {
@@ -121,43 +147,48 @@ impl SharedReader {
     }
 
     /// For a caller blocked on request `id`, which it wrote to this worker: reads until its
-    /// answer comes, handing other frames to the scheduler, and returns the answer. `None`
-    /// when the I/O thread read the answer first (the scheduler delivers it), when `done()`
-    /// says the handle resolved some other way, when `deadline` passes, or when the stream
-    /// ended (the I/O thread reports that).
+    /// answer comes, handing other frames to the scheduler in order. With the answer it calls
+    /// `claim`, still holding the reader: `Some` (the request was still the caller's) returns
+    /// it with the answer; `None` (the scheduler took the request over) hands the answer to
+    /// the scheduler, in its place among the frames. Returns `None` also when the I/O thread
+    /// read the answer first, when `done()` says the handle resolved some other way, when
+    /// `deadline` passes, or when the stream ended (the I/O thread reports that).
     ///
     /// Waits for the lock if the I/O thread holds it: it does only while it reads what is
     /// there, a few microseconds. Giving up instead lost the race now and then to an I/O
     /// thread woken by the previous answer, and the caller slept on its handle.
-    pub(crate) fn read_answer(
+    pub(crate) fn read_answer<R>(
         &self,
         (id, name): (RequestId, &'static str),
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
-    ) -> Option<Result<Blob, WireError>> {
-        let (found, left_over) = {
-            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            if self.handed_on.load(Ordering::Acquire) == id {
-                return None;
-            }
+        claim: impl FnOnce() -> Option<R>,
+    ) -> Option<(R, Result<Blob, WireError>)> {
+        // Declared first, dropped last: after the lock is let go, even if a subscriber that
+        // `forward::emit` calls panics.
+        let _release = Release(self);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut claimed = None;
+        if self.handed_on.load(Ordering::Acquire) != id {
             let found = self.read_answer_locked(&mut state, (id, name), done, deadline);
-            (found, self.hand_on_rest(&mut state))
-        };
-        if left_over {
-            // The I/O thread may have been woken by bytes this caller took, and skipped
-            // them: it must look again.
-            self.released.notify_one();
+            if let Found::Answer(output) = found {
+                match claim() {
+                    Some(request) => claimed = Some((request, output)),
+                    None => {
+                        let _ = self.send(ToParent::Done { id, output });
+                    }
+                }
+            }
         }
-        match found {
-            Found::Answer(output) => Some(output),
-            Found::Nothing => None,
+        if self.hand_on_rest(&mut state) {
+            self.contended.store(true, Ordering::SeqCst);
         }
+        claimed
     }
 
     /// Before a caller lets go: hands on the frames it read past its answer, and reads the
     /// socket until it is empty. True when something is left for the I/O thread (a partial
-    /// frame, the end of the stream, a frame the scheduler could not take); waking the I/O
-    /// thread costs the caller a system call, so it is done only then.
+    /// frame, the end of the stream, a frame the scheduler could not take).
     fn hand_on_rest(&self, state: &mut ReadState) -> bool {
         loop {
             match state.decoder.next_message::<ToParent>() {
@@ -305,11 +336,6 @@ impl SharedReader {
             .map_err(|_| ())
     }
 
-    /// Hands a caller's answer back to the scheduler, when the scheduler owns the request.
-    pub(crate) fn hand_over(&self, id: RequestId, output: Result<Blob, WireError>) {
-        let _ = self.send(ToParent::Done { id, output });
-    }
-
     /// Tells the scheduler a caller finished request(s) it wrote to this worker.
     pub(crate) fn notify_direct_done(&self) {
         let _ = self.events.send(Event::DirectDone { pid: self.pid });
@@ -393,8 +419,8 @@ mod tests {
         bytes.extend_from_slice(&tail[..5]);
         peer.write_all(&bytes).unwrap();
 
-        let answer = reader.read_answer((9, "t"), &|| false, soon());
-        assert_eq!(answer, Some(Ok(Blob::new(vec![2]))));
+        let answer = reader.read_answer((9, "t"), &|| false, soon(), || Some(()));
+        assert_eq!(answer, Some(((), Ok(Blob::new(vec![2])))));
         assert_eq!(
             forwarded(&mut received),
             ["log before", "done 7", "log after"]
@@ -415,8 +441,8 @@ mod tests {
             peer
         });
         assert_eq!(
-            reader.read_answer((3, "t"), &|| false, soon()),
-            Some(Ok(Blob::new(vec![4])))
+            reader.read_answer((3, "t"), &|| false, soon(), || Some(())),
+            Some(((), Ok(Blob::new(vec![4]))))
         );
         drop(writer.join().unwrap());
     }
@@ -428,17 +454,26 @@ mod tests {
         let (reader, mut peer, mut received) = setup();
         let start = Instant::now();
         let deadline = Some(start + Duration::from_millis(30));
-        assert_eq!(reader.read_answer((1, "t"), &|| false, deadline), None);
+        assert_eq!(
+            reader.read_answer((1, "t"), &|| false, deadline, || Some(())),
+            None
+        );
         assert!(start.elapsed() >= Duration::from_millis(30));
         assert!(start.elapsed() < Duration::from_secs(2));
-        assert_eq!(reader.read_answer((1, "t"), &|| true, None), None);
+        assert_eq!(
+            reader.read_answer((1, "t"), &|| true, None, || Some(())),
+            None
+        );
 
         peer.write_all(&wire(&[done(1, 1)])).unwrap();
         assert!(matches!(reader.drain(), Drained::Empty));
         assert_eq!(forwarded(&mut received), ["done 1"]);
 
         drop(peer);
-        assert_eq!(reader.read_answer((2, "t"), &|| false, soon()), None);
+        assert_eq!(
+            reader.read_answer((2, "t"), &|| false, soon(), || Some(())),
+            None
+        );
         assert!(matches!(reader.drain(), Drained::Ended(End::Eof)));
     }
 
@@ -451,8 +486,54 @@ mod tests {
         assert!(matches!(reader.drain(), Drained::Empty));
         assert_eq!(forwarded(&mut received), ["done 4"]);
         let start = Instant::now();
-        assert_eq!(reader.read_answer((4, "t"), &|| false, soon()), None);
+        assert_eq!(
+            reader.read_answer((4, "t"), &|| false, soon(), || Some(())),
+            None
+        );
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    /// An answer whose request the scheduler took over goes to the scheduler in its place
+    /// among the frames, before those that came after it.
+    #[test]
+    fn an_answer_the_caller_cannot_claim_goes_to_the_scheduler_in_order() {
+        let (reader, mut peer, mut received) = setup();
+        peer.write_all(&wire(&[done(9, 1), log("after")])).unwrap();
+        let claimed: Option<((), _)> = reader.read_answer((9, "t"), &|| false, soon(), || None);
+        assert_eq!(claimed, None);
+        assert_eq!(forwarded(&mut received), ["done 9", "log after"]);
+    }
+
+    /// If the I/O thread found the reader taken while a caller read, the caller wakes it when
+    /// it lets go: bytes that woke it may have come after the caller's last read.
+    #[test]
+    fn a_caller_wakes_the_io_thread_that_found_the_reader_taken() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let woken = |reader: &SharedReader| {
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_millis(50), reader.released.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        let (reader, mut peer, _received) = setup();
+        peer.write_all(&wire(&[done(1, 1), done(2, 2)])).unwrap();
+        let claimed = reader.read_answer((1, "t"), &|| false, soon(), || {
+            // Called with the reader held: the I/O thread finds it taken.
+            assert!(matches!(reader.drain(), Drained::Busy));
+            Some(())
+        });
+        assert!(claimed.is_some());
+        assert!(woken(&reader), "the I/O thread was not told to look again");
+        // Nobody wanted the reader this time: no wake-up (it costs the caller a system call).
+        peer.write_all(&wire(&[done(3, 3)])).unwrap();
+        assert!(reader
+            .read_answer((3, "t"), &|| false, soon(), || Some(()))
+            .is_some());
+        assert!(!woken(&reader));
     }
 
     /// While a caller reads, the I/O thread does not wait for the lock.

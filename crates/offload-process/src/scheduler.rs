@@ -474,15 +474,14 @@ impl Scheduler {
         self.note_if_idle(pid);
     }
 
-    /// A caller finished a request it wrote to worker `pid` (see `reader`): count it as
-    /// served, as if the request had been adopted and answered here.
+    /// A caller finished a request it wrote to worker `pid` (see `lane::help_wait`), in a
+    /// pool that shrinks idle workers: the worker's idle time starts now. (`adopt_all`, run
+    /// before this event, counted the request as served.)
     fn on_direct_done(&mut self, pid: u32) {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
-        worker.served += 1;
         worker.idle_since = None;
-        self.recycle_if_due(pid);
         self.note_if_idle(pid);
     }
 
@@ -995,6 +994,8 @@ fn adopt_into(
     let Some(lane) = &worker.lane else {
         return;
     };
+    // Requests callers finished themselves count as served (see `lane::help_wait`).
+    worker.served += lane.direct_served.swap(0, Ordering::AcqRel);
     if lane.broken.swap(false, Ordering::AcqRel) {
         tracing::warn!(
             worker.pid = pid,

@@ -1028,6 +1028,23 @@ fn recycling_every_three_tasks_loses_and_repeats_nothing() {
     let _ = std::fs::remove_file(&log);
 }
 
+/// One caller waiting on each task in turn: every request goes straight to an idle worker,
+/// and no worker serves more than its limit.
+fn sequential_waits_on_a_recycling_pool_keep_to_the_limit() {
+    let pool = ProcessPool::builder()
+        .workers(2)
+        .max_tasks_per_worker(3)
+        .build()
+        .unwrap();
+    let mut served: std::collections::HashMap<u32, usize> = Default::default();
+    for _ in 0..60 {
+        *served.entry(wait(pool.submit(Pid())).unwrap()).or_default() += 1;
+    }
+    assert!(served.values().all(|&n| n <= 3), "{served:?}");
+    assert!(served.len() >= 20, "{served:?}");
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn the_initializer_runs_in_every_worker_before_its_first_task() {
     let pool = ProcessPool::builder()
         .workers(2)
@@ -1705,6 +1722,7 @@ fn main() {
         stats_count_what_happened,
         a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it,
         a_wait_that_times_out_leaves_the_answer_to_the_pool,
+        sequential_waits_on_a_recycling_pool_keep_to_the_limit,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
         a_worker_holds_only_its_standard_streams_and_its_connection,
