@@ -67,16 +67,13 @@ pub(crate) enum Drained {
     Ended(End),
 }
 
-/// Lets the I/O thread look again once a caller let go of the reader, if it found the reader
-/// taken meanwhile (bytes that woke it may be among those the caller read, or may have come
-/// after the caller's last read), or if something is left for it.
+/// Runs [`SharedReader::let_go`] once a caller let go of the reader (also if a subscriber it
+/// called panicked).
 struct Release<'a>(&'a SharedReader);
 
 impl Drop for Release<'_> {
     fn drop(&mut self) {
-        if self.0.contended.swap(false, Ordering::SeqCst) {
-            self.0.released.notify_one();
-        }
+        self.0.let_go();
     }
 }
 
@@ -181,9 +178,32 @@ impl SharedReader {
             }
         }
         if self.hand_on_rest(&mut state) {
+            // Something is left for the I/O thread: `let_go` wakes it.
             self.contended.store(true, Ordering::SeqCst);
         }
         claimed
+    }
+
+    /// After a caller let go: if the I/O thread found the reader taken meanwhile, the bytes
+    /// that woke it may have come after the caller's last read, and it will not be woken for
+    /// them again. The caller takes the reader once more and reads the socket until it is
+    /// empty; only if something is left for the I/O thread (the end of the stream, a partial
+    /// frame) does it wake it. Waking it every time cost a system call and a thread on the
+    /// other CPU per round trip (the low-latency mode's p50 went from 22 to 31-36 µs).
+    fn let_go(&self) {
+        while self.contended.swap(false, Ordering::SeqCst) {
+            let mut state = match self.state.try_lock() {
+                Ok(state) => state,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                // The I/O thread has it now, and reads until the socket is empty.
+                Err(TryLockError::WouldBlock) => return,
+            };
+            if self.hand_on_rest(&mut state) {
+                drop(state);
+                self.released.notify_one();
+                return;
+            }
+        }
     }
 
     /// Before a caller lets go: hands on the frames it read past its answer, and reads the
@@ -519,20 +539,33 @@ mod tests {
                     .is_ok()
             })
         };
-        let (reader, mut peer, _received) = setup();
-        peer.write_all(&wire(&[done(1, 1), done(2, 2)])).unwrap();
+        let (reader, mut peer, mut received) = setup();
+        peer.write_all(&wire(&[done(1, 1)])).unwrap();
+        let tail = wire(&[done(2, 2)]);
         let claimed = reader.read_answer((1, "t"), &|| false, soon(), || {
-            // Called with the reader held: the I/O thread finds it taken.
+            // Called with the reader held: the I/O thread finds it taken, woken by bytes that
+            // came after the caller's last read: half a frame.
+            peer.write_all(&tail[..3]).unwrap();
             assert!(matches!(reader.drain(), Drained::Busy));
             Some(())
         });
         assert!(claimed.is_some());
         assert!(woken(&reader), "the I/O thread was not told to look again");
-        // Nobody wanted the reader this time: no wake-up (it costs the caller a system call).
+        // The rest of the frame wakes the I/O thread as usual.
+        peer.write_all(&tail[3..]).unwrap();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        assert_eq!(forwarded(&mut received), ["done 2"]);
+
+        // Whole frames that came while the I/O thread waited: the caller reads them itself
+        // when it lets go, and saves the wake-up (a system call on its way back).
         peer.write_all(&wire(&[done(3, 3)])).unwrap();
-        assert!(reader
-            .read_answer((3, "t"), &|| false, soon(), || Some(()))
-            .is_some());
+        let claimed = reader.read_answer((3, "t"), &|| false, soon(), || {
+            peer.write_all(&wire(&[done(4, 4)])).unwrap();
+            assert!(matches!(reader.drain(), Drained::Busy));
+            Some(())
+        });
+        assert!(claimed.is_some());
+        assert_eq!(forwarded(&mut received), ["done 4"]);
         assert!(!woken(&reader));
     }
 
