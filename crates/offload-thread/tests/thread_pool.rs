@@ -454,3 +454,49 @@ fn public_types_are_send_and_sync() {
     send_sync::<BuildError>();
     send_sync::<offload_thread::ThreadPoolBuilder>();
 }
+
+/// CPU time (user + system, clock ticks) of this process's threads whose name starts with
+/// `prefix`.
+fn threads_cpu_ticks(prefix: &str) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = entry.unwrap().path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !name.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis: utime and stime are the 12th and
+        // 13th of them.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    total
+}
+
+/// An idle pool uses no CPU: its workers sleep once a burst is done (a worker that kept
+/// looking for work would show here).
+#[test]
+fn an_idle_pool_goes_quiet_after_a_burst() {
+    let pool = ThreadPool::builder()
+        .workers(2)
+        .thread_name("quiet-check")
+        .build()
+        .unwrap();
+    let handles: Vec<_> = (0..10_000u64).map(|x| pool.submit_fn(move || x)).collect();
+    for (x, handle) in handles.into_iter().enumerate() {
+        assert_eq!(wait(handle), Ok(x as u64));
+    }
+    thread::sleep(Duration::from_millis(20));
+    let before = threads_cpu_ticks("quiet-check");
+    thread::sleep(Duration::from_millis(300));
+    let used = threads_cpu_ticks("quiet-check") - before;
+    // A clock tick is 10 ms: a worker still spinning would show about 30.
+    assert!(used <= 2, "idle workers used {used} ticks of CPU in 300 ms");
+    pool.join();
+}
