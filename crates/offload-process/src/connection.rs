@@ -160,20 +160,12 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     }
     reader.decoder.set_max(accept.max_frame);
     reader.decoder.accept_fds();
-    let shared = match SharedReader::new(pid, stream.get_ref(), reader.decoder, events.clone()) {
-        Ok(shared) => Arc::new(shared),
-        Err(e) => {
-            let reason = format!("cannot duplicate the socket of worker {pid}: {e}");
-            tracing::warn!(
-                worker.pid = pid,
-                "closing the connection to worker {pid}: {reason}"
-            );
-            let _ = events.send(Event::Refused { pid, reason });
-            return;
-        }
-    };
-    let lane = match Lane::new(stream.get_ref(), shared.clone()) {
-        Ok(lane) => Arc::new(lane),
+    // Both duplicate the socket's descriptor (callers read and write it directly).
+    let made = SharedReader::new(pid, stream.get_ref(), reader.decoder, events.clone())
+        .map(Arc::new)
+        .and_then(|shared| Lane::new(stream.get_ref(), shared).map(Arc::new));
+    let lane = match made {
+        Ok(lane) => lane,
         Err(e) => {
             let reason = format!("cannot duplicate the socket of worker {pid}: {e}");
             tracing::warn!(
@@ -185,6 +177,7 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
             return;
         }
     };
+    let shared = lane.reader.clone();
     let (writer, outgoing) = tokio::sync::mpsc::unbounded_channel();
     let connected = Event::Connected {
         pid,
