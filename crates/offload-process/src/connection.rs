@@ -13,7 +13,7 @@ use interprocess::local_socket::tokio::{prelude::*, Stream};
 use offload_core::backend::Fd;
 use offload_ipc::frame::{self, FrameDecoder, FrameError};
 use offload_ipc::handshake::{check_hello, HandshakeError};
-use offload_ipc::protocol::{Blob, ToParent, ToWorker, TOKEN_LEN};
+use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::lane::Lane;
@@ -257,7 +257,7 @@ async fn write_loop(
         let mut large = None;
         let mut next = Some(first);
         while let Some(message) = next.take() {
-            if large_input(&message).is_some() {
+            if has_large_input(&message) {
                 large = Some(message);
                 break;
             }
@@ -292,12 +292,9 @@ async fn write_loop(
     }
 }
 
-/// The input of a request whose input is large enough to be written from where it is.
-fn large_input(message: &ToWorker) -> Option<&Blob> {
-    match message {
-        ToWorker::Run { input, .. } if input.len() >= frame::SPLIT_MIN => Some(input),
-        _ => None,
-    }
+/// True for a request whose input is large enough to be written from where it is.
+fn has_large_input(message: &ToWorker) -> bool {
+    matches!(message, ToWorker::Run { input, .. } if input.len() >= frame::SPLIT_MIN)
 }
 
 /// Writes one request with a large input: its frame up to the input's bytes, then the bytes.
@@ -309,23 +306,22 @@ async fn write_split(
     max_frame: usize,
     pid: u32,
 ) -> std::io::Result<()> {
-    let (ToWorker::Run { id, task, input }, Some(_)) = (message, large_input(message)) else {
-        encode(message, buf, fds, max_frame, pid);
-        return stream.write_all(buf, fds).await;
-    };
-    let head = ToWorker::Run {
-        id: *id,
-        task: task.clone(),
-        input: input.without_bytes(),
-    };
-    let tail = input.as_bytes();
-    if frame::encode_split(&head, tail, buf, fds, max_frame).is_err() {
-        // Sizes are checked at submit; the usual encode logs what is wrong.
-        encode(message, buf, fds, max_frame, pid);
-        return stream.write_all(buf, fds).await;
+    if let ToWorker::Run { id, task, input } = message {
+        let head = ToWorker::Run {
+            id: *id,
+            task: task.clone(),
+            input: input.without_bytes(),
+        };
+        let tail = input.as_bytes();
+        if frame::encode_split(&head, tail, buf, fds, max_frame).is_ok() {
+            stream.write_all(buf, fds).await?;
+            return stream.write_all(tail, &[]).await;
+        }
     }
-    stream.write_all(buf, fds).await?;
-    stream.write_all(tail, &[]).await
+    // Over the limit (sizes are checked at submit, so only on a bug): the usual encode logs
+    // what is wrong.
+    encode(message, buf, fds, max_frame, pid);
+    stream.write_all(buf, fds).await
 }
 
 fn encode(message: &ToWorker, buf: &mut Vec<u8>, fds: &mut Vec<Fd>, max_frame: usize, pid: u32) {
