@@ -160,11 +160,9 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
     }
     reader.decoder.set_max(accept.max_frame);
     reader.decoder.accept_fds();
-    // Both duplicate the socket's descriptor (callers read and write it directly).
-    let made = SharedReader::new(pid, stream.get_ref(), reader.decoder, events.clone())
-        .map(Arc::new)
-        .and_then(|shared| Lane::new(stream.get_ref(), shared).map(Arc::new));
-    let lane = match made {
+    // Callers read the socket through the watch's duplicate, and write to the lane's.
+    let shared = SharedReader::new(pid, stream.watch().clone(), reader.decoder, events.clone());
+    let lane = match Lane::new(stream.get_ref(), Arc::new(shared)).map(Arc::new) {
         Ok(lane) => lane,
         Err(e) => {
             let reason = format!("cannot duplicate the socket of worker {pid}: {e}");

@@ -48,6 +48,7 @@ mod scheduler;
 mod socket;
 mod spawner;
 mod stats;
+mod watch;
 
 pub use builder::{BuildError, ProcessPoolBuilder};
 pub use job::{InitOutput, TaskOptions};

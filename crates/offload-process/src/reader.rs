@@ -7,11 +7,13 @@
 //! [`SharedReader`]'s lock, and hands every frame that is not the caller's own answer to the
 //! scheduler, in order, as the I/O thread would. The I/O thread never waits for the lock: it
 //! waits for the socket or for [`SharedReader::released`], which a caller signals when it lets
-//! go, since it may leave bytes in the decoder or in the socket.
+//! go, since it may leave bytes in the decoder or in the socket. While a caller may read its
+//! answer, the reactor's watch on the socket is paused (see `watch` and `lane`): the answer
+//! wakes the caller alone.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use offload_ipc::fdpass;
@@ -23,6 +25,7 @@ use tokio::sync::Notify;
 use crate::connection::Event;
 use crate::forward;
 use crate::job::RequestId;
+use crate::watch::ReadWatch;
 
 /// How long a helping caller sleeps in `poll` before it looks at its handle and deadline
 /// again (a cancel from another thread, say).
@@ -30,8 +33,8 @@ const HELP_POLL: Duration = Duration::from_millis(10);
 
 pub(crate) struct SharedReader {
     pub(crate) pid: u32,
-    /// A duplicate of the connection's descriptor, for callers' reads.
-    fd: OwnedFd,
+    /// The connection's socket, and the reactor's watch on it.
+    watch: Arc<ReadWatch>,
     state: Mutex<ReadState>,
     /// Signalled when a caller lets go of the reader, if the I/O thread wanted it meanwhile
     /// (`contended`) or something is left for it.
@@ -41,6 +44,9 @@ pub(crate) struct SharedReader {
     /// The id of the last answer handed to the scheduler (by the I/O thread, or by a caller
     /// reading for its own): a caller that finds its own there knows it came too late.
     handed_on: AtomicU64,
+    /// Set when the reactor's watch could not be resumed after it was paused: the reactor
+    /// would not hear from the socket again, so the connection is given up.
+    watch_lost: AtomicBool,
     events: UnboundedSender<Event>,
 }
 
@@ -86,13 +92,13 @@ enum Found {
 impl SharedReader {
     pub(crate) fn new(
         pid: u32,
-        fd: &impl std::os::fd::AsFd,
+        watch: Arc<ReadWatch>,
         decoder: FrameDecoder,
         events: UnboundedSender<Event>,
-    ) -> std::io::Result<Self> {
-        Ok(SharedReader {
+    ) -> Self {
+        SharedReader {
             pid,
-            fd: fd.as_fd().try_clone_to_owned()?,
+            watch,
             state: Mutex::new(ReadState {
                 decoder,
                 ended: None,
@@ -100,8 +106,9 @@ impl SharedReader {
             released: Notify::new(),
             contended: AtomicBool::new(false),
             handed_on: AtomicU64::new(0),
+            watch_lost: AtomicBool::new(false),
             events,
-        })
+        }
     }
 
     /// For the I/O thread: reads what is there without waiting and hands every frame to the
@@ -121,6 +128,11 @@ impl SharedReader {
             }
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
+        if self.watch_lost.load(Ordering::Acquire) {
+            return Drained::Ended(End::Failed(
+                "the pool lost its watch on the socket".to_owned(),
+            ));
+        }
         loop {
             match state.decoder.next_message::<ToParent>() {
                 Ok(Some(message)) => {
@@ -303,7 +315,7 @@ impl SharedReader {
         let mut fds = Vec::new();
         loop {
             let read = fdpass::recv(
-                self.fd.as_raw_fd(),
+                self.watch.socket().as_raw_fd(),
                 state.decoder.read_buf(),
                 &mut fds,
                 libc::MSG_DONTWAIT,
@@ -331,7 +343,7 @@ impl SharedReader {
 
     fn wait_readable(&self, timeout: Duration) {
         let mut fds = [libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+            fd: self.watch.socket().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
@@ -356,6 +368,22 @@ impl SharedReader {
             .map_err(|_| ())
     }
 
+    /// Stops the reactor's watch from reporting bytes (see `watch`); false if it could not
+    /// (then the reactor is woken by every answer, which costs time, nothing else).
+    pub(crate) fn pause_watch(&self) -> bool {
+        self.watch.pause().is_ok()
+    }
+
+    /// Lets the reactor's watch report bytes again (at once, if some wait).
+    pub(crate) fn resume_watch(&self) {
+        if self.watch.resume().is_err() {
+            // Cannot happen with both descriptors open; if it did, the reactor would wait on
+            // this socket forever. It is woken now, and ends the connection.
+            self.watch_lost.store(true, Ordering::Release);
+            self.released.notify_one();
+        }
+    }
+
     /// Tells the scheduler a caller finished request(s) it wrote to this worker.
     pub(crate) fn notify_direct_done(&self) {
         let _ = self.events.send(Event::DirectDone { pid: self.pid });
@@ -365,6 +393,7 @@ impl SharedReader {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
 
     use offload_ipc::frame;
@@ -402,7 +431,8 @@ mod tests {
         let (ours, peer) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let (events, received) = tokio::sync::mpsc::unbounded_channel();
-        let reader = SharedReader::new(5, &ours, FrameDecoder::new(1 << 20), events).unwrap();
+        let watch = Arc::new(ReadWatch::new(ours.as_fd()).unwrap());
+        let reader = SharedReader::new(5, watch, FrameDecoder::new(1 << 20), events);
         (reader, peer, received)
     }
 

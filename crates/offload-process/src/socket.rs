@@ -1,13 +1,15 @@
-//! A worker connection's socket on the reactor, registered for reading only.
+//! A worker connection's socket on the reactor, watched for reading only.
 //!
 //! tokio's own socket types register with epoll for reading *and* writing. A Unix socket
 //! reports "writable" each time its peer reads what was written to it, so every request a
 //! worker read would wake the reactor thread once for nothing, before the answer woke it
-//! again. Here the socket is registered for reading alone; a write that finds the socket full
-//! (rare: large payloads, floods) registers a duplicate for writing just while it waits.
+//! again. Here the reactor watches the socket for reading alone, through a [`ReadWatch`] that
+//! a caller reading its own answer can pause; a write that finds the socket full (rare: large
+//! payloads, floods) registers a duplicate for writing just while it waits.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 
 use interprocess::local_socket::tokio::Stream;
 use offload_core::backend::Fd;
@@ -17,9 +19,12 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::connection::ReadError;
+use crate::watch::ReadWatch;
 
 pub(crate) struct Socket {
-    fd: AsyncFd<UnixStream>,
+    stream: UnixStream,
+    /// The reactor's registration of the socket's read watch.
+    readable: AsyncFd<Arc<ReadWatch>>,
 }
 
 impl Socket {
@@ -27,13 +32,21 @@ impl Socket {
     pub(crate) fn new(stream: Stream) -> std::io::Result<Socket> {
         let Stream::UdSocket(stream) = stream;
         let stream = UnixStream::from(OwnedFd::try_from(stream)?);
-        Ok(Socket {
-            fd: register(stream, Interest::READABLE)?,
-        })
+        let watch = Arc::new(ReadWatch::new(stream.as_fd())?);
+        // SAFETY: the `Arc` keeps the watch, and so the set's descriptor, open until the
+        // `AsyncFd` drops it, which it does last, after deregistering.
+        let readable = unsafe { AsyncFd::register_with_interest(watch, Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Socket { stream, readable })
     }
 
     pub(crate) fn get_ref(&self) -> &UnixStream {
-        self.fd.get_ref()
+        &self.stream
+    }
+
+    /// The watch the reactor waits on, for a caller that reads the socket itself.
+    pub(crate) fn watch(&self) -> &Arc<ReadWatch> {
+        self.readable.get_ref()
     }
 
     /// Reads what is there into `decoder`, waiting for something if need be; 0 at the end of
@@ -41,8 +54,8 @@ impl Socket {
     pub(crate) async fn read(&self, decoder: &mut FrameDecoder) -> Result<usize, ReadError> {
         let mut fds = Vec::new();
         let n = loop {
-            let mut ready = self.fd.readable().await?;
-            let socket = ready.get_inner().as_raw_fd();
+            let mut ready = self.readable.readable().await?;
+            let socket = self.stream.as_raw_fd();
             match ready.try_io(|_| fdpass::recv(socket, decoder.read_buf(), &mut fds, 0)) {
                 Ok(result) => break result?,
                 Err(_would_block) => continue,
@@ -56,14 +69,14 @@ impl Socket {
     /// once: the caller reads until the socket is empty after every wake-up (a caller
     /// helping in `reader` may have taken the bytes that woke it).
     pub(crate) async fn readable(&self) -> std::io::Result<()> {
-        let mut ready = self.fd.readable().await?;
+        let mut ready = self.readable.readable().await?;
         ready.clear_ready();
         Ok(())
     }
 
     /// Writes all of `buf`, `fds` with its first bytes (see [`fdpass::Outgoing`]).
     pub(crate) async fn write_all(&self, buf: &[u8], fds: &[Fd]) -> std::io::Result<()> {
-        let socket = self.fd.get_ref().as_raw_fd();
+        let socket = self.stream.as_raw_fd();
         let mut outgoing = fdpass::Outgoing::new(buf, fds);
         while !outgoing.is_done() {
             match outgoing.send_next(socket, libc::MSG_DONTWAIT) {
@@ -77,14 +90,12 @@ impl Socket {
 
     /// Waits until the socket has room, through a registration that lasts only this wait.
     async fn writable(&self) -> std::io::Result<()> {
-        let waiter = register(self.fd.get_ref().try_clone()?, Interest::WRITABLE)?;
+        let duplicate = self.stream.try_clone()?;
+        // SAFETY: a `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns
+        // that same descriptor, until the stream is dropped, which the `AsyncFd` does last.
+        let waiter = unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }
+            .map_err(std::io::Error::from)?;
         let _ready = waiter.writable().await?;
         Ok(())
     }
-}
-
-fn register(stream: UnixStream, interest: Interest) -> std::io::Result<AsyncFd<UnixStream>> {
-    // SAFETY: a `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns that
-    // same descriptor, until the stream is dropped, which the `AsyncFd` does last.
-    unsafe { AsyncFd::register_with_interest(stream, interest) }.map_err(std::io::Error::from)
 }

@@ -1359,6 +1359,47 @@ fn a_wait_that_times_out_leaves_the_answer_to_the_pool() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// A caller that does not block in `wait` never reads its answer itself: the pool's I/O
+/// thread must, though the caller's write paused the pool's watch on the worker's socket (so
+/// that a blocked caller's answer wakes the caller alone). Handles that are awaited, polled
+/// with `is_done`, detached or dropped, in turns with blocking waits, all resolve; the pool
+/// keeps serving. (The first version left an awaited answer unread: the watch, resumed while
+/// the answer waited, did not wake the I/O thread.)
+fn answers_nobody_blocks_for_are_read_by_the_pool() {
+    const SOON: Duration = Duration::from_secs(5);
+    let pool = pool(2);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    for x in 0..400u64 {
+        let handle = pool.submit(Square(x));
+        match x % 5 {
+            0 => assert_eq!(wait(handle), Ok(x * x)),
+            1 => {
+                let awaited = runtime.block_on(async { tokio::time::timeout(SOON, handle).await });
+                assert_eq!(awaited.ok(), Some(Ok(x * x)), "awaiting request {x}");
+            }
+            2 => {
+                let deadline = Instant::now() + SOON;
+                while !handle.is_done() {
+                    assert!(Instant::now() < deadline, "request {x} never done");
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                assert_eq!(wait(handle), Ok(x * x));
+            }
+            3 => handle.detach(),
+            _ => drop(handle),
+        }
+    }
+    eventually("every request settled", || {
+        let stats = pool.stats();
+        stats.queued + stats.running == 0
+    });
+    assert_eq!(wait(pool.submit(Square(3))), Ok(9));
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn stats_count_what_happened() {
     let pool = pool(2);
     for h in (0..10).map(|i| pool.submit(Square(i))).collect::<Vec<_>>() {
@@ -1722,6 +1763,7 @@ fn main() {
         stats_count_what_happened,
         a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it,
         a_wait_that_times_out_leaves_the_answer_to_the_pool,
+        answers_nobody_blocks_for_are_read_by_the_pool,
         sequential_waits_on_a_recycling_pool_keep_to_the_limit,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
