@@ -50,6 +50,10 @@ pub(crate) struct Lanes {
     next: AtomicUsize,
     /// The fastest round trip a caller timed on any lane, in nanoseconds.
     fastest: AtomicU64,
+    /// Set when a caller left a request in a lane, took one back or broke a connection:
+    /// the scheduler looks into the lanes before an event only then (see
+    /// [`Lanes::take_touched`]).
+    touched: AtomicBool,
     /// Requests callers finished themselves (see [`help_wait`]), with a result and failed:
     /// the scheduler never saw them, so the pool's stats add these.
     pub(crate) direct_completed: AtomicU64,
@@ -64,9 +68,18 @@ impl Lanes {
             open: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
             fastest: AtomicU64::new(u64::MAX),
+            touched: AtomicBool::new(false),
             direct_completed: AtomicU64::new(0),
             direct_failed: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a caller changed a lane since the last call: then the scheduler must adopt
+    /// what callers left there before it handles anything. A caller sets it while it holds
+    /// the lane's lock (and before it writes), so a request is never missed: the flag is
+    /// cleared before the lanes are looked into, and a request left after that sets it again.
+    pub(crate) fn take_touched(&self) -> bool {
+        self.touched.swap(false, Ordering::AcqRel)
     }
 
     /// True when some lane may be open (a hint: the lane's own lock decides).
@@ -89,6 +102,7 @@ impl Lanes {
             // The job is in the lane, and the connection is unusable now: the scheduler
             // replaces the worker, which settles the job like any other the worker held.
             lane.broken.store(true, Ordering::Release);
+            self.touched.store(true, Ordering::Release);
             Ok(Sent::Broken)
         }
     }
@@ -118,7 +132,7 @@ impl Lanes {
         }
         for i in 0..count {
             let lane = &lanes[(start + i) % count];
-            match lane.take(job, &self.open, pause) {
+            match lane.take(job, &self.open, pause, &self.touched) {
                 Ok(()) => {
                     self.next.store((start + i) % count, Ordering::Relaxed);
                     return Ok(lane.clone());
@@ -269,7 +283,7 @@ impl Lane {
     /// still here means nothing was sent since, and the worker is idle now, as when the
     /// scheduler opens a lane. Both happen under the lane's lock, in one step: opening it
     /// later could undo a close the scheduler made in between.
-    fn take_back(&self, id: RequestId, open_count: &AtomicUsize) -> Option<Direct> {
+    fn take_back(&self, id: RequestId, lanes: &Lanes) -> Option<Direct> {
         let mut state = self.state();
         if state.direct.as_ref().is_none_or(|d| d.job.id != id) {
             return None;
@@ -277,20 +291,28 @@ impl Lane {
         let direct = state.direct.take();
         self.resume_watch(&mut state);
         self.direct_served.fetch_add(1, Ordering::AcqRel);
+        lanes.touched.store(true, Ordering::Release);
         if !state.open && self.unwritten.load(Ordering::Acquire) == 0 {
             state.open = true;
-            open_count.fetch_add(1, Ordering::AcqRel);
+            lanes.open.fetch_add(1, Ordering::AcqRel);
         }
         direct
     }
 
     /// Takes `job` if the lane is open, closing it, and marks a write under way. With
     /// `pause`, the caller may read the answer itself: the reactor's watch is paused.
-    fn take(&self, job: Job, open_count: &AtomicUsize, pause: bool) -> Result<(), Job> {
+    fn take(
+        &self,
+        job: Job,
+        open_count: &AtomicUsize,
+        pause: bool,
+        touched: &AtomicBool,
+    ) -> Result<(), Job> {
         let mut state = self.state();
         if !state.open {
             return Err(job);
         }
+        touched.store(true, Ordering::Release);
         state.open = false;
         open_count.fetch_sub(1, Ordering::AcqRel);
         state.paused = pause && self.reader.pause_watch();
@@ -370,9 +392,9 @@ pub(crate) fn help_wait(
     let (Some(lanes), Some(lane)) = (lanes.upgrade(), read.lane.upgrade()) else {
         return;
     };
-    let taken = lane.reader.read_answer((id, name), done, deadline, || {
-        lane.take_back(id, &lanes.open)
-    });
+    let taken = lane
+        .reader
+        .read_answer((id, name), done, deadline, || lane.take_back(id, &lanes));
     // Otherwise the scheduler settles it (if the answer came, it has it).
     let Some((direct, output)) = taken else {
         return;

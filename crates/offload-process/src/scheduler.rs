@@ -685,6 +685,9 @@ impl Scheduler {
     /// Takes over every request callers wrote to workers, closing their lanes. Runs before
     /// every event and command, so it allocates nothing.
     fn adopt_all(&mut self) {
+        if !self.lanes.take_touched() {
+            return;
+        }
         for (&pid, worker) in &mut self.workers {
             adopt_into(pid, worker, &self.lanes, &mut self.in_flight);
         }
