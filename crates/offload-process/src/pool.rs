@@ -162,9 +162,8 @@ impl ProcessPool {
             Ok(Sent::Written(lane)) if self.inner.lanes.direct_reads.enabled => {
                 // A blocking wait reads the answer itself (see `reader`).
                 let lanes = Arc::downgrade(&self.inner.lanes);
-                let read = lane::CallerRead::new(lane, id);
                 backend::help_wait(&handle, move |done, deadline| {
-                    lane::help_wait(&lanes, read, T::NAME, done, deadline);
+                    lane::help_wait(&lanes, &lane, (id, T::NAME), done, deadline);
                 });
             }
             Ok(Sent::Written(_)) => {}

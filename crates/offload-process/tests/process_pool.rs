@@ -198,6 +198,12 @@ task!(Log(String) -> u32, |s| {
     tracing::info!(answer = 42, "hello from a worker: {}", s.0);
     std::process::id()
 });
+task!(ChattyThenMark(String, u64) -> (), |s| {
+    for i in 0..s.1 {
+        tracing::info!("chatty line {i} {}", "x".repeat(200));
+    }
+    std::fs::write(&s.0, b"done").unwrap();
+});
 task!(Print(String) -> (), |s| {
     println!("{}", s.0);
     eprintln!("{} (stderr)", s.0);
@@ -1400,6 +1406,61 @@ fn answers_nobody_blocks_for_are_read_by_the_pool() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// A handle held without a wait does not hold its task back: the pool reads the answer (and
+/// the task's log records) as they come, so the task runs to its end, is counted and is done,
+/// and a late cancel finds it finished. (A first version paused the pool's reading from the
+/// moment a caller wrote its request, for the wait it expected: a held handle's answer then
+/// sat unread, `is_done` stayed false, a late `cancel` returned true, and a task that logged
+/// more than the socket holds blocked in its worker.)
+fn a_held_handle_does_not_hold_its_task_back() {
+    let pool = pool(1);
+    for i in 0..3 {
+        assert_eq!(
+            wait(pool.submit(Square(i))),
+            Ok(i * i),
+            "warm-up: the lane is used"
+        );
+    }
+    let completed = pool.stats().completed;
+    let handle = pool.submit(Square(7));
+    eventually("the held task is counted", || {
+        pool.stats().completed == completed + 1
+    });
+    assert!(handle.is_done());
+    assert!(!handle.cancel(), "the task had finished");
+    assert_eq!(wait(handle), Ok(49));
+
+    let mark = std::env::temp_dir().join(format!("offload-held-chatty-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let handle = pool.submit(ChattyThenMark(mark.display().to_string(), 5000));
+    eventually("the held chatty task reaches its end", || mark.exists());
+    assert_eq!(wait(handle), Ok(()));
+    let _ = std::fs::remove_file(&mark);
+    assert!(pool.join_timeout(LIMIT));
+}
+
+/// The same while another caller keeps the pool busy with blocking round trips, which send
+/// the pool's I/O thread nothing.
+fn a_held_handle_does_not_hold_its_task_back_in_a_busy_pool() {
+    let pool = pool(2);
+    for i in 0..3 {
+        assert_eq!(wait(pool.submit(Square(i))), Ok(i * i));
+    }
+    let mark = std::env::temp_dir().join(format!("offload-held-busy-{}", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let handle = pool.submit(ChattyThenMark(mark.display().to_string(), 5000));
+    let mut trips = 0u64;
+    eventually("the held task reaches its end", || {
+        assert_eq!(wait(pool.submit(Square(trips))), Ok(trips * trips));
+        trips += 1;
+        std::thread::sleep(Duration::from_millis(1));
+        mark.exists()
+    });
+    assert_eq!(wait(handle), Ok(()));
+    let _ = std::fs::remove_file(&mark);
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn stats_count_what_happened() {
     let pool = pool(2);
     for h in (0..10).map(|i| pool.submit(Square(i))).collect::<Vec<_>>() {
@@ -1764,6 +1825,8 @@ fn main() {
         a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it,
         a_wait_that_times_out_leaves_the_answer_to_the_pool,
         answers_nobody_blocks_for_are_read_by_the_pool,
+        a_held_handle_does_not_hold_its_task_back,
+        a_held_handle_does_not_hold_its_task_back_in_a_busy_pool,
         sequential_waits_on_a_recycling_pool_keep_to_the_limit,
         sigint_and_sigterm_of_the_parent_leave_no_worker_behind,
         the_token_is_on_no_command_line_in_no_environment_and_in_no_log,
