@@ -113,22 +113,26 @@ impl Lanes {
     /// way). Gives the job back when none is open.
     ///
     /// Looks first at the lane taken last, unless the last round trip a caller timed there
-    /// took more than twice the fastest timed on any lane: then at the next one. For a tiny
-    /// task the hand-offs are the round trip, and what they cost depends on where the two
-    /// threads run: about 11 µs when the worker runs on the caller's CPU, about 50 µs when
-    /// every hand-off wakes the other CPU from its halt (2-CPU VM, lone caller in a loop).
-    /// Neither plain rule finds the first case for long: always the next lane measured a
-    /// mean of 33 µs (the worker on the caller's CPU every other time), always the same lane
-    /// 50 µs (the kernel soon spreads two busy threads over two CPUs, as it does for a raw
-    /// socket ping-pong: 41 µs there). Staying while it is fast and moving on when it is
-    /// not: 16-25 µs mean, p50 11 µs. Tasks that take long move on every time, as before.
+    /// (from its write to its read of the answer) took more than twice the fastest timed on
+    /// any lane, or none was timed yet: then at the next one. For a tiny task the hand-offs
+    /// are the round trip, and what they cost depends on where the two threads run: about
+    /// 12 µs when the worker runs on the caller's CPU, about 50 µs when every hand-off wakes
+    /// the other CPU from its halt (2-CPU VM). Always the next lane (the old rule) gets the
+    /// first case every other time: in-bench p50 19 µs, a lone caller's loop 30 µs mean.
+    /// Always the same lane lands in either for good (the kernel soon spreads two busy
+    /// threads over two CPUs, as it does for a raw socket ping-pong: 41 µs alone). Staying
+    /// while it is fast and moving on when it is not: in-bench p50 12.5-12.9 µs, a lone loop
+    /// 28-29 µs mean with p50 18 µs. Tasks that take long move on every time, as before.
     fn claim(&self, mut job: Job) -> Result<Arc<Lane>, Job> {
         let lanes = lock(&self.lanes);
         let count = lanes.len();
         let mut start = self.next.load(Ordering::Relaxed);
         if let Some(last) = lanes.get(start % count.max(1)) {
             let fastest = self.fastest.load(Ordering::Relaxed);
-            if last.last_round_trip.load(Ordering::Relaxed) > fastest.saturating_mul(2) {
+            // Nothing timed (awaiting callers, recycling pools): the next lane, as before.
+            if fastest == u64::MAX
+                || last.last_round_trip.load(Ordering::Relaxed) > fastest.saturating_mul(2)
+            {
                 start += 1;
             }
         }
@@ -376,9 +380,8 @@ pub(crate) struct DirectReads {
     pub(crate) notify: bool,
 }
 
-/// The helper of a blocking wait on the request `read` stands for, which its caller wrote to
-/// a lane: reads the answer from the worker's socket on the caller's thread (see `reader`),
-/// and finishes
+/// The helper of a blocking wait on request `id`, which its caller wrote to `lane`: reads
+/// the answer from the worker's socket on the caller's thread (see `reader`), and finishes
 /// the request itself while the scheduler has not taken it over. Holds the lanes weakly: a
 /// pool that is gone must still be able to drop its requests (and resolve their handles).
 pub(crate) fn help_wait(
