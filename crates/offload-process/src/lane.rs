@@ -138,7 +138,7 @@ impl Lanes {
         }
         for i in 0..count {
             let lane = &lanes[(start + i) % count];
-            match lane.take(job, &self.open, &self.touched) {
+            match lane.take(job, self) {
                 Ok(()) => {
                     self.next.store((start + i) % count, Ordering::Relaxed);
                     return Ok(lane.clone());
@@ -306,14 +306,14 @@ impl Lane {
     }
 
     /// Takes `job` if the lane is open, closing it, and marks a write under way.
-    fn take(&self, job: Job, open_count: &AtomicUsize, touched: &AtomicBool) -> Result<(), Job> {
+    fn take(&self, job: Job, lanes: &Lanes) -> Result<(), Job> {
         let mut state = self.state();
         if !state.open {
             return Err(job);
         }
-        touched.store(true, Ordering::Release);
+        lanes.touched.store(true, Ordering::Release);
         state.open = false;
-        open_count.fetch_sub(1, Ordering::AcqRel);
+        lanes.open.fetch_sub(1, Ordering::AcqRel);
         self.writing.store(true, Ordering::Release);
         state.direct = Some(Direct {
             job,
@@ -321,9 +321,7 @@ impl Lane {
         });
         Ok(())
     }
-}
 
-impl Lane {
     fn resume_watch(&self, state: &mut LaneState) {
         if std::mem::take(&mut state.paused) {
             self.reader.resume_watch();
