@@ -7,7 +7,7 @@
 //! [`SharedReader`]'s lock, and hands every frame that is not the caller's own answer to the
 //! scheduler, in order, as the I/O thread would. The I/O thread never waits for the lock: it
 //! waits for the socket or for [`SharedReader::released`], which a caller signals when it lets
-//! go, since it may leave bytes in the decoder or in the socket. While a caller may read its
+//! go, since it may leave bytes in the decoder or in the socket. While a caller reads its
 //! answer, the reactor's watch on the socket is paused (see `watch` and `lane`): the answer
 //! wakes the caller alone.
 

@@ -683,7 +683,8 @@ impl Scheduler {
     }
 
     /// Takes over every request callers wrote to workers, closing their lanes. Runs before
-    /// every event and command, so it allocates nothing.
+    /// every event and command, so it allocates nothing, and looks into the lanes only when
+    /// a caller changed one since ([`Lanes::take_touched`](crate::lane::Lanes::take_touched)).
     fn adopt_all(&mut self) {
         if !self.lanes.take_touched() {
             return;
