@@ -37,7 +37,11 @@ pub fn pair<T>(name: &'static str) -> (Completer<T>, TaskHandle<T>) {
 /// return once `done()` is true, `deadline` has passed, or it cannot help; the wait then goes
 /// on as usual. A process pool uses it to let a caller read its answer from the worker's
 /// socket instead of being woken by the pool's I/O thread: one thread hand-off less per
-/// round trip. Dropped unused when the task finishes some other way.
+/// round trip. Dropped unused when the task finishes some other way, and as soon as the handle
+/// is used in any other way (polled as a future or by [`as_completed`](crate::as_completed)
+/// and [`wait`](crate::wait()), queried, detached, dropped): a backend that holds something
+/// back for the helper (the process pool keeps its I/O thread from being woken by the answer)
+/// lets go when it is dropped.
 pub fn help_wait<T>(
     handle: &TaskHandle<T>,
     helper: impl FnOnce(&dyn Fn() -> bool, Option<std::time::Instant>) + Send + 'static,

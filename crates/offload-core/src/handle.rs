@@ -82,6 +82,17 @@ impl<T> Shared<T> {
         self.lock().status
     }
 
+    /// The status, for a caller that looks without a blocking wait: drops the wait helper
+    /// unused, since such a caller may never wait (see [`help_wait`](crate::backend::help_wait)).
+    pub(crate) fn status_forgoing_helper(&self) -> Status {
+        let mut inner = self.lock();
+        let status = inner.status;
+        let helper = inner.helper.take();
+        drop(inner);
+        drop(helper);
+        status
+    }
+
     /// `Queued -> Running`. False when the task was already finished (cancelled): do not run.
     pub(crate) fn start(&self) -> bool {
         let mut inner = self.lock();
@@ -166,6 +177,10 @@ impl<T> Shared<T> {
             return Poll::Ready(matches!(inner.result, Some(Err(_))));
         }
         register(&mut inner.waker, cx.waker());
+        // An async waiter never runs the helper (its backend must not wait for it).
+        let helper = inner.helper.take();
+        drop(inner);
+        drop(helper);
         Poll::Pending
     }
 }
@@ -238,18 +253,19 @@ impl<T> TaskHandle<T> {
 
     /// True when the task was cancelled (through [`cancel`](Self::cancel)).
     pub fn is_cancelled(&self) -> bool {
-        self.shared.is_cancel_raised() && self.shared.status() == Status::Done
+        let status = self.shared.status_forgoing_helper();
+        self.shared.is_cancel_raised() && status == Status::Done
     }
 
     /// True while a worker is running the task.
     pub fn is_running(&self) -> bool {
-        self.shared.status() == Status::Running
+        self.shared.status_forgoing_helper() == Status::Running
     }
 
     /// True when the task finished: with its output, an error, or a cancel. Awaiting a handle
     /// that is done returns at once.
     pub fn is_done(&self) -> bool {
-        self.shared.status() == Status::Done
+        self.shared.status_forgoing_helper() == Status::Done
     }
 
     /// Lets the task run to completion with nobody waiting for it; its output is dropped.
@@ -354,6 +370,10 @@ impl<T> Future for TaskHandle<T> {
             "TaskHandle polled after it returned its result"
         );
         register(&mut inner.waker, cx.waker());
+        // An async waiter never runs the helper (its backend must not wait for it).
+        let helper = inner.helper.take();
+        drop(inner);
+        drop(helper);
         Poll::Pending
     }
 }
@@ -361,7 +381,10 @@ impl<T> Future for TaskHandle<T> {
 impl<T> Drop for TaskHandle<T> {
     fn drop(&mut self) {
         if !self.detached && !self.taken {
+            // Drops the helper too.
             self.shared.cancel();
+        } else {
+            self.shared.status_forgoing_helper();
         }
     }
 }

@@ -19,12 +19,13 @@
 //! connection's [`SharedReader`]): it takes its job back out of the lane and opens the lane
 //! again in one step ([`Lane::take_back`]), unless the scheduler adopted the job meanwhile,
 //! and finishes it; the reactor thread is not woken for that either. For that, the reactor's
-//! watch on the socket is paused while the caller reads (see [`CallerReads`]). Not sooner:
-//! pausing it when the caller takes the lane saved the wake-up also when a worker on the
-//! caller's CPU answers before the caller reaches `wait` (p50 11.1 against 12.5-12.9 µs),
-//! but a caller that holds its handle and does not wait would leave the answer unread, its
-//! handle not done, and a task that logs much blocked in its worker, for as long as it held
-//! the handle.
+//! watch on the socket is paused: before the write, when the last caller to write here read
+//! its own answer ([`Lanes::send`]; a worker on the caller's CPU may answer before the caller
+//! reaches `wait`), otherwise when the helper starts ([`CallerReads`]). A caller that does
+//! not come to read must not leave its answer unread (its handle not done, a task that logs
+//! much blocked in its worker): a handle used any other way drops its unused [`WaitHelp`],
+//! which lifts the pause, and the pool's [`Alarm`] lifts pauses nobody came for within a
+//! millisecond or so.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -34,6 +35,7 @@ use std::time::Instant;
 use offload_core::backend::Fd;
 use offload_ipc::fdpass;
 
+use crate::alarm::Alarm;
 use crate::job::{Job, Outcome, RequestId};
 use crate::reader::SharedReader;
 
@@ -56,6 +58,13 @@ pub(crate) struct Lanes {
     /// the scheduler looks into the lanes before an event only then (see
     /// [`Lanes::take_touched`]).
     touched: AtomicBool,
+    /// Rings the reactor to resume watches paused for answers nobody came to read (`None`:
+    /// the system would not give a timer, and callers pause only once they wait).
+    alarm: Option<Alarm>,
+    /// Whether a caller pauses the reactor's watch as it writes, expecting to wait for the
+    /// answer: true after a blocking wait read one, false after a pause nobody used (see
+    /// [`WaitHelp`]).
+    pause_at_write: AtomicBool,
     /// Requests callers finished themselves (see [`help_wait`]), with a result and failed:
     /// the scheduler never saw them, so the pool's stats add these.
     pub(crate) direct_completed: AtomicU64,
@@ -71,6 +80,8 @@ impl Lanes {
             next: AtomicUsize::new(0),
             fastest: AtomicU64::new(u64::MAX),
             touched: AtomicBool::new(false),
+            alarm: Alarm::new().ok(),
+            pause_at_write: AtomicBool::new(false),
             direct_completed: AtomicU64::new(0),
             direct_failed: AtomicU64::new(0),
         }
@@ -93,7 +104,14 @@ impl Lanes {
     /// lane. Gives the job back when no lane is open.
     /// `fds` go with the frame's first bytes.
     pub(crate) fn send(&self, job: Job, frame: &[u8], fds: &[Fd]) -> Result<Sent, Job> {
+        let id = job.id;
         let lane = self.claim(job)?;
+        // Before the write: a worker on this CPU may answer before the write call returns.
+        if let Some(alarm) = self.alarm.as_ref().filter(|_| self.pauses_at_write()) {
+            if lane.pause_for(id, false) {
+                alarm.arm();
+            }
+        }
         let written = write_all(&lane.fd, frame, fds);
         lane.writing.store(false, Ordering::Release);
         // A permit, if the writer is not waiting yet: it then checks `writing` again.
@@ -107,6 +125,50 @@ impl Lanes {
             self.touched.store(true, Ordering::Release);
             Ok(Sent::Broken)
         }
+    }
+
+    fn pauses_at_write(&self) -> bool {
+        self.direct_reads.enabled && self.pause_at_write.load(Ordering::Relaxed)
+    }
+
+    fn set_pause_at_write(&self, pause: bool) {
+        if self.pause_at_write.load(Ordering::Relaxed) != pause {
+            self.pause_at_write.store(pause, Ordering::Relaxed);
+        }
+    }
+
+    /// For the reactor, when the alarm rang: resumes the watch of every lane paused for a
+    /// request nobody has come to read for half an [`Alarm::PERIOD`] or more, and arms the
+    /// alarm again while younger ones are paused. (Under the lanes' lock: it rings at most
+    /// once a millisecond, and finds a pause to lift only when a handle is held unused.)
+    pub(crate) fn on_alarm(&self) {
+        let mut young = false;
+        let mut lifted = false;
+        for lane in lock(&self.lanes).iter() {
+            let mut state = lane.state();
+            if !state.paused || state.claimed {
+                continue;
+            }
+            match &state.direct {
+                Some(d) if d.sent.elapsed() >= Alarm::PERIOD / 2 => {
+                    lane.resume_watch(&mut state);
+                    lifted = true;
+                }
+                Some(_) => young = true,
+                None => {}
+            }
+        }
+        if lifted {
+            self.set_pause_at_write(false);
+        }
+        if let Some(alarm) = self.alarm.as_ref().filter(|_| young) {
+            alarm.arm();
+        }
+    }
+
+    /// The alarm, for the reactor to wait on.
+    pub(crate) fn alarm(&self) -> Option<&Alarm> {
+        self.alarm.as_ref()
     }
 
     /// Leaves `job` in the first open lane and returns that lane (its write is marked under
@@ -176,6 +238,11 @@ impl Lanes {
             state.open = false;
             self.open.fetch_sub(1, Ordering::AcqRel);
         }
+        if state.paused && !state.claimed {
+            // Its caller has not come to read (a burst of submissions, say): the next caller
+            // pauses only once it waits.
+            self.set_pause_at_write(false);
+        }
         lane.resume_watch(&mut state);
         state.direct.take()
     }
@@ -229,6 +296,8 @@ struct LaneState {
     /// The reactor's watch on the socket is paused for the caller of `direct` (never without
     /// a request in `direct`).
     paused: bool,
+    /// The caller of `direct` is reading its answer (see [`CallerReads`]).
+    claimed: bool,
 }
 
 /// A request a caller wrote to a worker.
@@ -252,6 +321,7 @@ impl Lane {
                 open: false,
                 direct: None,
                 paused: false,
+                claimed: false,
             }),
             unwritten: AtomicUsize::new(0),
             writing: AtomicBool::new(false),
@@ -315,6 +385,7 @@ impl Lane {
         state.open = false;
         lanes.open.fetch_sub(1, Ordering::AcqRel);
         self.writing.store(true, Ordering::Release);
+        state.claimed = false;
         state.direct = Some(Direct {
             job,
             sent: Instant::now(),
@@ -329,12 +400,18 @@ impl Lane {
     }
 
     /// Pauses the reactor's watch for the caller of request `id`, if the request is still
-    /// in the lane.
-    fn pause_for(&self, id: RequestId) {
+    /// in the lane, and marks it read by its caller if `reading`. Returns whether the watch
+    /// is paused.
+    fn pause_for(&self, id: RequestId, reading: bool) -> bool {
         let mut state = self.state();
-        if !state.paused && state.direct.as_ref().is_some_and(|d| d.job.id == id) {
+        if state.direct.as_ref().is_none_or(|d| d.job.id != id) {
+            return false;
+        }
+        state.claimed |= reading;
+        if !state.paused {
             state.paused = self.reader.pause_watch();
         }
+        state.paused
     }
 
     /// The caller of request `id` stopped reading: if the request is still in the lane, the
@@ -342,8 +419,21 @@ impl Lane {
     fn let_reactor_read(&self, id: RequestId) {
         let mut state = self.state();
         if state.direct.as_ref().is_some_and(|d| d.job.id == id) {
+            state.claimed = false;
             self.resume_watch(&mut state);
         }
+    }
+
+    /// The caller of request `id` will not read its answer: lets the reactor read it.
+    /// Returns whether the watch had been paused for it.
+    fn forgo(&self, id: RequestId) -> bool {
+        let mut state = self.state();
+        let paused =
+            state.paused && !state.claimed && state.direct.as_ref().is_some_and(|d| d.job.id == id);
+        if paused {
+            self.resume_watch(&mut state);
+        }
+        paused
     }
 }
 
@@ -356,7 +446,7 @@ struct CallerReads<'a> {
 
 impl<'a> CallerReads<'a> {
     fn new(lane: &'a Lane, id: RequestId) -> Self {
-        lane.pause_for(id);
+        lane.pause_for(id, true);
         CallerReads { lane, id }
     }
 }
@@ -392,6 +482,7 @@ pub(crate) fn help_wait(
     let (Some(lanes), Some(lane)) = (lanes.upgrade(), lane.upgrade()) else {
         return;
     };
+    lanes.set_pause_at_write(true);
     let reading = CallerReads::new(&lane, id);
     let taken = lane
         .reader
@@ -413,6 +504,61 @@ pub(crate) fn help_wait(
     direct.job.finish(Outcome::One(output));
     if lanes.direct_reads.notify {
         lane.reader.notify_direct_done();
+    }
+}
+
+/// The wait helper of a request a caller wrote to a lane: the first blocking wait on its handle
+/// runs it ([`help_wait`]); dropped unused (the handle was polled, queried, detached, dropped
+/// or cancelled, or the task finished another way), it lets the reactor read the answer, in
+/// case the caller paused the watch as it wrote.
+pub(crate) struct WaitHelp {
+    lanes: Weak<Lanes>,
+    lane: Weak<Lane>,
+    id: RequestId,
+    name: &'static str,
+    ran: bool,
+}
+
+impl WaitHelp {
+    pub(crate) fn new(
+        lanes: Weak<Lanes>,
+        lane: Weak<Lane>,
+        id: RequestId,
+        name: &'static str,
+    ) -> Self {
+        WaitHelp {
+            lanes,
+            lane,
+            id,
+            name,
+            ran: false,
+        }
+    }
+
+    /// Runs [`help_wait`].
+    pub(crate) fn run(mut self, done: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        self.ran = true;
+        help_wait(
+            &self.lanes,
+            &self.lane,
+            (self.id, self.name),
+            done,
+            deadline,
+        );
+    }
+}
+
+impl Drop for WaitHelp {
+    fn drop(&mut self) {
+        if self.ran {
+            return;
+        }
+        if let (Some(lanes), Some(lane)) = (self.lanes.upgrade(), self.lane.upgrade()) {
+            if lane.forgo(self.id) {
+                // Its caller did not come to read: the next caller pauses only once it waits.
+                lanes.set_pause_at_write(false);
+            }
+        }
     }
 }
 
@@ -474,6 +620,88 @@ mod tests {
     use offload_ipc::protocol::Blob;
 
     use crate::job::{self, TaskOptions};
+
+    /// Whether the watch reports bytes within `ms`.
+    fn reports(watch: &crate::watch::ReadWatch, ms: i32) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(watch),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: a live array of one pollfd, its length passed.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) == 1 }
+    }
+
+    /// A caller that waited for an answer pauses the reactor's watch as it writes its next
+    /// request. A handle used any other way (its helper dropped unused) lifts the pause at
+    /// once; the alarm lifts it for a handle nobody touches, but not while its caller reads.
+    #[test]
+    fn a_pause_made_at_the_write_is_lifted_when_nobody_comes_to_read() {
+        let (ours, mut worker) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let lanes = Arc::new(Lanes::new(DirectReads {
+            enabled: true,
+            notify: false,
+        }));
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let decoder = offload_ipc::frame::FrameDecoder::new(1024);
+        let watch = Arc::new(crate::watch::ReadWatch::new(ours.as_fd()).unwrap());
+        let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, events));
+        let lane = Arc::new(Lane::new(&ours, reader).unwrap());
+        lanes.add(lane.clone());
+        worker.write_all(b"an answer").unwrap();
+        let mut handles = Vec::new();
+        let mut send = |id: RequestId| {
+            lanes.set_pause_at_write(true);
+            lanes.open(&lane);
+            let (job, handle) =
+                job::one::<u64>(id, "t", Blob::new(vec![]), TaskOptions::new(), || {});
+            handles.push(handle);
+            match lanes.send(job, b"request", &[]) {
+                Ok(Sent::Written(lane)) => lane,
+                _ => panic!("the open lane did not take request {id}"),
+            }
+        };
+
+        let written = send(1);
+        assert!(
+            !reports(&watch, 50),
+            "paused at the write, with bytes waiting"
+        );
+        drop(WaitHelp::new(Arc::downgrade(&lanes), written, 1, "t"));
+        assert!(
+            reports(&watch, 0),
+            "the helper was dropped: the reactor must read"
+        );
+        assert!(
+            !lanes.pause_at_write.load(Ordering::Relaxed),
+            "nobody read: stop pausing early"
+        );
+        assert!(lanes.close(&lane).is_some());
+
+        send(2);
+        assert!(!reports(&watch, 0), "paused at the write");
+        lanes.on_alarm();
+        assert!(
+            !reports(&watch, 0),
+            "lifted before anyone had the time to come"
+        );
+        std::thread::sleep(Alarm::PERIOD);
+        lanes.on_alarm();
+        assert!(
+            reports(&watch, 0),
+            "the alarm lifts a pause nobody came for"
+        );
+        assert!(lanes.close(&lane).is_some());
+
+        send(3);
+        lane.pause_for(3, true);
+        std::thread::sleep(Alarm::PERIOD);
+        lanes.on_alarm();
+        assert!(!reports(&watch, 0), "lifted while the caller reads");
+        lane.let_reactor_read(3);
+        assert!(reports(&watch, 0), "the caller stopped reading");
+    }
 
     /// A worker that stops reading keeps a caller's direct write waiting for room; the
     /// reactor's writer, waiting for that write to end, must not stop the reactor thread

@@ -36,6 +36,7 @@
 //! }
 //! ```
 
+mod alarm;
 mod builder;
 mod connection;
 mod forward;

@@ -11,7 +11,7 @@ use offload_ipc::frame;
 use offload_ipc::protocol::Blob;
 
 use crate::job::{self, Job, Payload, TaskOptions};
-use crate::lane::{self, Lanes, Sent, DIRECT_MAX};
+use crate::lane::{Lanes, Sent, WaitHelp, DIRECT_MAX};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
 use crate::stats::Published;
@@ -161,10 +161,8 @@ impl ProcessPool {
         match self.send_direct(job, options) {
             Ok(Sent::Written(lane)) if self.inner.lanes.direct_reads.enabled => {
                 // A blocking wait reads the answer itself (see `reader`).
-                let lanes = Arc::downgrade(&self.inner.lanes);
-                backend::help_wait(&handle, move |done, deadline| {
-                    lane::help_wait(&lanes, &lane, (id, T::NAME), done, deadline);
-                });
+                let help = WaitHelp::new(Arc::downgrade(&self.inner.lanes), lane, id, T::NAME);
+                backend::help_wait(&handle, move |done, deadline| help.run(done, deadline));
             }
             Ok(Sent::Written(_)) => {}
             Ok(Sent::Broken) => {

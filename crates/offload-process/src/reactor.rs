@@ -2,12 +2,14 @@
 //! workers and the scheduler. Owning it makes the pool work from sync code and from any async
 //! runtime (or none), and keeps pool I/O off the caller's runtime.
 
+use std::os::fd::OwnedFd;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, ListenerOptions};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::connection::{self, Accept, Event};
@@ -68,6 +70,14 @@ pub(crate) fn start(
     }
 }
 
+/// Waits for the lanes' alarm (see `alarm`), or forever if there is none.
+async fn rung(lanes: &Lanes, watch: Option<&AsyncFd<OwnedFd>>) -> std::io::Result<()> {
+    match (lanes.alarm(), watch) {
+        (Some(alarm), Some(watch)) => alarm.rung(watch).await,
+        _ => std::future::pending().await,
+    }
+}
+
 async fn run(
     settings: Settings,
     max_frame: usize,
@@ -96,7 +106,10 @@ async fn run(
         spin_us: u32::try_from(settings.spin.as_micros()).unwrap_or(u32::MAX),
     });
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, lanes);
+    // Without it (no timer to be had), callers pause the watch only once they wait.
+    let alarm = lanes.alarm().and_then(|alarm| alarm.watch().ok());
+    let scheduler_lanes = lanes.clone();
+    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, scheduler_lanes);
     scheduler.replenish();
     let mut ready = Some(ready);
     let startup_deadline = tokio::time::sleep(startup_timeout);
@@ -151,6 +164,12 @@ async fn run(
                     tokio::spawn(connection::serve(stream, accept.clone(), events_tx.clone()));
                 }
                 Err(e) => tracing::warn!("accepting a worker connection failed: {e}"),
+            },
+            rang = rung(&lanes, alarm.as_ref()) => match rang {
+                Ok(()) => lanes.on_alarm(),
+                // Cannot happen with an open timer; not watching it means held handles wait
+                // for their pool's next event to be read.
+                Err(e) => tracing::warn!("the pool's alarm failed: {e}"),
             },
             () = &mut startup_deadline, if ready.is_some() => {
                 if let Some(ready) = ready.take() {
