@@ -155,7 +155,12 @@ impl Lanes {
                     lifted = true;
                 }
                 Some(_) => young = true,
-                None => {}
+                // Kept for a next request that did not come (see `take_back`).
+                None if state.idle_seen => lane.resume_watch(&mut state),
+                None => {
+                    state.idle_seen = true;
+                    young = true;
+                }
             }
         }
         if lifted {
@@ -238,7 +243,7 @@ impl Lanes {
             state.open = false;
             self.open.fetch_sub(1, Ordering::AcqRel);
         }
-        if state.paused && !state.claimed {
+        if state.paused && !state.claimed && state.direct.is_some() {
             // Its caller has not come to read (a burst of submissions, say): the next caller
             // pauses only once it waits.
             self.set_pause_at_write(false);
@@ -293,11 +298,14 @@ struct LaneState {
     open: bool,
     /// The request a caller wrote, for the scheduler to adopt.
     direct: Option<Direct>,
-    /// The reactor's watch on the socket is paused for the caller of `direct` (never without
-    /// a request in `direct`).
+    /// The reactor's watch on the socket is paused for the caller of `direct`, or with no
+    /// request there, for the next one (see [`Lane::take_back`]).
     paused: bool,
     /// The caller of `direct` is reading its answer (see [`CallerReads`]).
     claimed: bool,
+    /// The watch was left paused without a request (see [`Lane::take_back`]), and the alarm
+    /// has rung once since: it lifts the pause when it rings again.
+    idle_seen: bool,
 }
 
 /// A request a caller wrote to a worker.
@@ -322,6 +330,7 @@ impl Lane {
                 direct: None,
                 paused: false,
                 claimed: false,
+                idle_seen: false,
             }),
             unwritten: AtomicUsize::new(0),
             writing: AtomicBool::new(false),
@@ -365,12 +374,24 @@ impl Lane {
             return None;
         }
         let direct = state.direct.take();
-        self.resume_watch(&mut state);
         self.direct_served.fetch_add(1, Ordering::AcqRel);
         lanes.touched.store(true, Ordering::Release);
         if !state.open && self.unwritten.load(Ordering::Acquire) == 0 {
             state.open = true;
             lanes.open.fetch_add(1, Ordering::AcqRel);
+        }
+        state.claimed = false;
+        match lanes.alarm.as_ref().filter(|_| state.paused && state.open) {
+            // The worker is idle and the lane open: nothing comes from the worker but the
+            // answer to a caller's next request, who is likely the one that waited now. The
+            // watch stays paused for it, which saves it the pause and the resume (three
+            // system calls). The scheduler resumes it when it closes the lane to send the
+            // worker something, and the alarm when no request came within a period or two.
+            Some(alarm) => {
+                state.idle_seen = false;
+                alarm.arm();
+            }
+            None => self.resume_watch(&mut state),
         }
         direct
     }
@@ -701,6 +722,27 @@ mod tests {
         assert!(!reports(&watch, 0), "lifted while the caller reads");
         lane.let_reactor_read(3);
         assert!(reports(&watch, 0), "the caller stopped reading");
+        assert!(lanes.close(&lane).is_some());
+
+        // A caller that read its answer leaves the watch paused for its next request: until
+        // the alarm rings twice, or the scheduler closes the lane to send the worker work.
+        send(4);
+        lane.pause_for(4, true);
+        assert!(lane.take_back(4, &lanes).is_some());
+        assert!(!reports(&watch, 0), "kept paused for the next request");
+        lanes.on_alarm();
+        assert!(!reports(&watch, 0), "lifted at the first ring");
+        lanes.on_alarm();
+        assert!(reports(&watch, 0), "still paused after two rings");
+        send(5);
+        lane.pause_for(5, true);
+        assert!(lane.take_back(5, &lanes).is_some());
+        assert!(!reports(&watch, 0), "kept paused for the next request");
+        assert!(lanes.close(&lane).is_none());
+        assert!(
+            reports(&watch, 0),
+            "the scheduler closed the lane: the reactor must read"
+        );
     }
 
     /// A worker that stops reading keeps a caller's direct write waiting for room; the

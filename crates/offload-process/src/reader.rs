@@ -44,6 +44,10 @@ pub(crate) struct SharedReader {
     /// The id of the last answer handed to the scheduler (by the I/O thread, or by a caller
     /// reading for its own): a caller that finds its own there knows it came too late.
     handed_on: AtomicU64,
+    /// The last caller's answer had not come when it first looked: the next caller waits in
+    /// `poll` before it reads, instead of first reading nothing (one system call less per
+    /// round trip when the worker runs on another CPU). Cleared when an answer was there.
+    answers_wait: AtomicBool,
     /// Set when the reactor's watch could not be resumed after it was paused: the reactor
     /// would not hear from the socket again, so the connection is given up.
     watch_lost: AtomicBool,
@@ -106,6 +110,7 @@ impl SharedReader {
             released: Notify::new(),
             contended: AtomicBool::new(false),
             handed_on: AtomicU64::new(0),
+            answers_wait: AtomicBool::new(false),
             watch_lost: AtomicBool::new(false),
             events,
         }
@@ -189,7 +194,12 @@ impl SharedReader {
                 }
             }
         }
-        if self.hand_on_rest(&mut state) {
+        // Frames read past the answer go on; the socket is not read again. Bytes that come
+        // after the caller's last read are not lost: the paused watch reports them when it is
+        // resumed, and a running one wakes the I/O thread, which waits for this caller to let
+        // go (`contended`: `let_go` reads them). A read that finds nothing cost every round
+        // trip a system call.
+        if self.hand_on_decoded(&mut state) {
             // Something is left for the I/O thread: `let_go` wakes it.
             self.contended.store(true, Ordering::SeqCst);
         }
@@ -218,25 +228,12 @@ impl SharedReader {
         }
     }
 
-    /// Before a caller lets go: hands on the frames it read past its answer, and reads the
-    /// socket until it is empty. True when something is left for the I/O thread (a partial
+    /// For a caller that found the I/O thread waiting for it (see [`Self::let_go`]): hands on
+    /// the frames it read, and reads the socket until it is empty. True when something is left for the I/O thread (a partial
     /// frame, the end of the stream, a frame the scheduler could not take).
     fn hand_on_rest(&self, state: &mut ReadState) -> bool {
         loop {
-            match state.decoder.next_message::<ToParent>() {
-                Ok(Some(message)) => {
-                    if self.send(message).is_err() {
-                        return true;
-                    }
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    state.ended = Some(End::Failed(e.to_string()));
-                    return true;
-                }
-            }
-            if state.ended.is_some() || state.decoder.has_partial() {
+            if self.hand_on_decoded(state) {
                 return true;
             }
             match self.recv(state) {
@@ -250,6 +247,25 @@ impl SharedReader {
         }
     }
 
+    /// Hands on the whole frames the decoder holds; reads nothing. True when something is left
+    /// for the I/O thread, as for [`Self::hand_on_rest`].
+    fn hand_on_decoded(&self, state: &mut ReadState) -> bool {
+        loop {
+            match state.decoder.next_message::<ToParent>() {
+                Ok(Some(message)) => {
+                    if self.send(message).is_err() {
+                        return true;
+                    }
+                }
+                Ok(None) => return state.ended.is_some() || state.decoder.has_partial(),
+                Err(e) => {
+                    state.ended = Some(End::Failed(e.to_string()));
+                    return true;
+                }
+            }
+        }
+    }
+
     fn read_answer_locked(
         &self,
         state: &mut MutexGuard<'_, ReadState>,
@@ -257,12 +273,18 @@ impl SharedReader {
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) -> Found {
+        let hint = self.answers_wait.load(Ordering::Relaxed);
+        let mut poll_first = hint;
+        let mut waited = false;
         loop {
             match state.decoder.next_message::<ToParent>() {
                 Ok(Some(ToParent::Done {
                     id: answered,
                     output,
                 })) if answered == id => {
+                    if hint != waited {
+                        self.answers_wait.store(waited, Ordering::Relaxed);
+                    }
                     return Found::Answer(output);
                 }
                 // An event the task emitted: re-emitted here, under the task's name (the
@@ -286,20 +308,21 @@ impl SharedReader {
             if state.ended.is_some() || done() {
                 return Found::Nothing;
             }
+            if std::mem::take(&mut poll_first) {
+                let Some(wait) = wait_time(deadline) else {
+                    return Found::Nothing;
+                };
+                self.wait_readable(wait);
+                waited = true;
+            }
             match self.recv(state) {
                 Ok(true) => {}
                 Ok(false) => {
-                    let wait = match deadline {
-                        None => HELP_POLL,
-                        Some(deadline) => {
-                            let left = deadline.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                return Found::Nothing;
-                            }
-                            left.min(HELP_POLL)
-                        }
+                    let Some(wait) = wait_time(deadline) else {
+                        return Found::Nothing;
                     };
                     self.wait_readable(wait);
+                    waited = true;
                 }
                 Err(end) => {
                     state.ended = Some(end);
@@ -387,6 +410,18 @@ impl SharedReader {
     /// Tells the scheduler a caller finished request(s) it wrote to this worker.
     pub(crate) fn notify_direct_done(&self) {
         let _ = self.events.send(Event::DirectDone { pid: self.pid });
+    }
+}
+
+/// How long a helping caller waits in one `poll`: until its deadline, at most [`HELP_POLL`];
+/// `None` once the deadline has passed.
+fn wait_time(deadline: Option<Instant>) -> Option<Duration> {
+    match deadline {
+        None => Some(HELP_POLL),
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(HELP_POLL))
+        }
     }
 }
 
@@ -485,16 +520,26 @@ mod tests {
     #[test]
     fn a_caller_waits_for_its_answer() {
         let (reader, mut peer, _received) = setup();
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            peer.write_all(&wire(&[done(3, 4)])).unwrap();
-            peer
-        });
-        assert_eq!(
-            reader.read_answer((3, "t"), &|| false, soon(), || Some(())),
-            Some(((), Ok(Blob::new(vec![4]))))
-        );
-        drop(writer.join().unwrap());
+        // The second caller waits in `poll` first (the first one's answer had not come when
+        // it looked); the third reads first again (the second one's had).
+        for (id, late) in [(3, true), (4, false), (5, true)] {
+            if !late {
+                peer.write_all(&wire(&[done(id, 4)])).unwrap();
+            }
+            let writer = std::thread::spawn(move || {
+                if late {
+                    std::thread::sleep(Duration::from_millis(50));
+                    peer.write_all(&wire(&[done(id, 4)])).unwrap();
+                }
+                peer
+            });
+            assert_eq!(
+                reader.read_answer((id, "t"), &|| false, soon(), || Some(())),
+                Some(((), Ok(Blob::new(vec![4])))),
+                "request {id}"
+            );
+            peer = writer.join().unwrap();
+        }
     }
 
     /// Past its deadline, or once its handle resolved some other way, a caller gives up and

@@ -20,6 +20,11 @@ use crate::protocol::ToWorker;
 pub(super) struct Reader {
     recv: &'static Stream,
     pub(super) decoder: FrameDecoder,
+    /// The last read brought one message after a wait: the next request most likely has
+    /// not come yet either (a caller's round trips), so [`Reader::read_some`] waits in
+    /// `poll` before it reads, instead of first reading nothing. Cleared by a read that
+    /// brings more (a burst), where reading first saves the `poll`.
+    one_at_a_time: bool,
 }
 
 /// What one non-blocking read found.
@@ -38,6 +43,7 @@ impl Reader {
         Reader {
             recv,
             decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
+            one_at_a_time: false,
         }
     }
 
@@ -74,11 +80,23 @@ impl Reader {
     pub(super) fn read_some(&mut self, spin: Duration) -> Result<Vec<ToWorker>, WorkerExit> {
         let mut spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
         let mut turns = 0u32;
+        let mut waited = false;
+        if spin_until.is_none() && self.one_at_a_time && !self.decoder.has_partial() {
+            let mut buffered = Vec::new();
+            self.decoded(&mut buffered)?;
+            if !buffered.is_empty() {
+                return Ok(buffered);
+            }
+            self.wait_readable();
+            waited = true;
+        }
         loop {
             let messages = self.read_available()?;
             if !messages.is_empty() {
+                self.one_at_a_time = waited && messages.len() == 1;
                 return Ok(messages);
             }
+            waited = true;
             match spin_until {
                 Some(end) => {
                     turns = turns.wrapping_add(1);
