@@ -642,6 +642,22 @@ mod tests {
 
     use crate::job::{self, TaskOptions};
 
+    /// A pool's lanes with one lane, over `ours` (the parent's end of a worker connection),
+    /// and the reactor's watch on it.
+    fn one_lane(ours: &UnixStream) -> (Arc<Lanes>, Arc<Lane>, Arc<crate::watch::ReadWatch>) {
+        let lanes = Arc::new(Lanes::new(DirectReads {
+            enabled: true,
+            notify: false,
+        }));
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let decoder = offload_ipc::frame::FrameDecoder::new(1024);
+        let watch = Arc::new(crate::watch::ReadWatch::new(ours.as_fd()).unwrap());
+        let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, events));
+        let lane = Arc::new(Lane::new(ours, reader).unwrap());
+        lanes.add(lane.clone());
+        (lanes, lane, watch)
+    }
+
     /// Whether the watch reports bytes within `ms`.
     fn reports(watch: &crate::watch::ReadWatch, ms: i32) -> bool {
         let mut fds = [libc::pollfd {
@@ -660,16 +676,7 @@ mod tests {
     fn a_pause_made_at_the_write_is_lifted_when_nobody_comes_to_read() {
         let (ours, mut worker) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let lanes = Arc::new(Lanes::new(DirectReads {
-            enabled: true,
-            notify: false,
-        }));
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        let decoder = offload_ipc::frame::FrameDecoder::new(1024);
-        let watch = Arc::new(crate::watch::ReadWatch::new(ours.as_fd()).unwrap());
-        let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, events));
-        let lane = Arc::new(Lane::new(&ours, reader).unwrap());
-        lanes.add(lane.clone());
+        let (lanes, lane, watch) = one_lane(&ours);
         worker.write_all(b"an answer").unwrap();
         let mut handles = Vec::new();
         let mut send = |id: RequestId| {
@@ -755,16 +762,7 @@ mod tests {
         let chunk = [0u8; 4096];
         while (&ours).write(&chunk).is_ok() {}
 
-        let lanes = Arc::new(Lanes::new(DirectReads {
-            enabled: true,
-            notify: false,
-        }));
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        let decoder = offload_ipc::frame::FrameDecoder::new(1024);
-        let watch = Arc::new(crate::watch::ReadWatch::new(ours.as_fd()).unwrap());
-        let reader = Arc::new(SharedReader::new(1, watch, decoder, events));
-        let lane = Arc::new(Lane::new(&ours, reader).unwrap());
-        lanes.add(lane.clone());
+        let (lanes, lane, _) = one_lane(&ours);
         lanes.open(&lane);
         let (job, _handle) = job::one::<u64>(1, "t", Blob::new(vec![]), TaskOptions::new(), || {});
         let caller = {
