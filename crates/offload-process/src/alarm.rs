@@ -45,13 +45,17 @@ impl Alarm {
         })
     }
 
-    /// Makes the alarm ring [`Alarm::PERIOD`] from now, unless it is armed already.
-    pub(crate) fn arm(&self) {
+    /// Makes the alarm ring [`Alarm::PERIOD`] from now, unless it is armed already. False
+    /// when it will not ring: the timer could not be set.
+    pub(crate) fn arm(&self) -> bool {
         if self.armed.swap(true, Ordering::AcqRel) {
-            return;
+            return true;
         }
         let period = libc::timespec {
-            tv_sec: 0,
+            tv_sec: Self::PERIOD
+                .as_secs()
+                .try_into()
+                .unwrap_or(libc::time_t::MAX),
             tv_nsec: Self::PERIOD.subsec_nanos().into(),
         };
         let spec = libc::itimerspec {
@@ -67,9 +71,11 @@ impl Alarm {
             libc::timerfd_settime(self.timer.as_raw_fd(), 0, &spec, std::ptr::null_mut())
         };
         if set < 0 {
-            // Cannot happen with a valid descriptor and value; let the next caller try.
+            // Cannot happen with a valid descriptor and value.
             self.armed.store(false, Ordering::Release);
+            return false;
         }
+        true
     }
 
     /// For the reactor: the alarm's descriptor, to wait on with [`Alarm::rung`].
@@ -95,6 +101,8 @@ impl Alarm {
                 )
             };
             if read == 8 {
+                // Not readable again before it is armed and rings again: a new edge.
+                ready.clear_ready();
                 self.armed.store(false, Ordering::Release);
                 return Ok(());
             }
@@ -123,8 +131,8 @@ mod tests {
             let watch = alarm.watch().unwrap();
             for _ in 0..3 {
                 let start = Instant::now();
-                alarm.arm();
-                alarm.arm(); // armed already: no second timer
+                assert!(alarm.arm());
+                assert!(alarm.arm(), "armed already: it rings (no second timer)");
                 let rang = tokio::time::timeout(Duration::from_secs(5), alarm.rung(&watch)).await;
                 assert!(
                     matches!(rang, Ok(Ok(()))),

@@ -59,8 +59,12 @@ pub(crate) struct Lanes {
     /// [`Lanes::take_touched`]).
     touched: AtomicBool,
     /// Rings the reactor to resume watches paused for answers nobody came to read (`None`:
-    /// the system would not give a timer, and callers pause only once they wait).
+    /// the system would not give a timer).
     alarm: Option<Alarm>,
+    /// The reactor waits on the alarm, and the alarm has not failed: only then does a pause
+    /// start before anyone waits (at the write, or kept after an answer). Otherwise callers
+    /// pause only while they read.
+    alarm_live: AtomicBool,
     /// Whether a caller pauses the reactor's watch as it writes, expecting to wait for the
     /// answer: true after a blocking wait read one, false after a pause nobody used (see
     /// [`WaitHelp`]).
@@ -81,6 +85,7 @@ impl Lanes {
             fastest: AtomicU64::new(u64::MAX),
             touched: AtomicBool::new(false),
             alarm: Alarm::new().ok(),
+            alarm_live: AtomicBool::new(false),
             pause_at_write: AtomicBool::new(false),
             direct_completed: AtomicU64::new(0),
             direct_failed: AtomicU64::new(0),
@@ -107,10 +112,8 @@ impl Lanes {
         let id = job.id;
         let lane = self.claim(job)?;
         // Before the write: a worker on this CPU may answer before the write call returns.
-        if let Some(alarm) = self.alarm.as_ref().filter(|_| self.pauses_at_write()) {
-            if lane.pause_for(id, false) {
-                alarm.arm();
-            }
+        if self.pauses_at_write() && lane.pause_for(id, false) && !self.arm_alarm() {
+            lane.forgo(id);
         }
         let written = write_all(&lane.fd, frame, fds);
         lane.writing.store(false, Ordering::Release);
@@ -128,7 +131,43 @@ impl Lanes {
     }
 
     fn pauses_at_write(&self) -> bool {
-        self.direct_reads.enabled && self.pause_at_write.load(Ordering::Relaxed)
+        self.direct_reads.enabled
+            && self.pause_at_write.load(Ordering::Relaxed)
+            && self.alarm_live.load(Ordering::Relaxed)
+    }
+
+    /// Arms the alarm for a pause nobody may come to lift. False when it will not ring: the
+    /// caller must not leave the pause in place.
+    fn arm_alarm(&self) -> bool {
+        let Some(alarm) = self.alarm.as_ref() else {
+            return false;
+        };
+        if !self.alarm_live.load(Ordering::Relaxed) {
+            return false;
+        }
+        if alarm.arm() {
+            return true;
+        }
+        self.alarm_failed();
+        false
+    }
+
+    /// For the reactor: it waits on the alarm now, so pauses may start before anyone waits.
+    pub(crate) fn alarm_watched(&self) {
+        self.alarm_live
+            .store(self.alarm.is_some(), Ordering::Relaxed);
+    }
+
+    /// The alarm failed (it could not be set, or not be read): pauses start only while a
+    /// caller reads from now on, and every pause nobody is reading for is lifted.
+    pub(crate) fn alarm_failed(&self) {
+        self.alarm_live.store(false, Ordering::Relaxed);
+        for lane in lock(&self.lanes).iter() {
+            let mut state = lane.state();
+            if !state.claimed {
+                lane.resume_watch(&mut state);
+            }
+        }
     }
 
     fn set_pause_at_write(&self, pause: bool) {
@@ -138,9 +177,11 @@ impl Lanes {
     }
 
     /// For the reactor, when the alarm rang: resumes the watch of every lane paused for a
-    /// request nobody has come to read for half an [`Alarm::PERIOD`] or more, and arms the
-    /// alarm again while younger ones are paused. (Under the lanes' lock: it rings at most
-    /// once a millisecond, and finds a pause to lift only when a handle is held unused.)
+    /// request nobody has come to read for half an [`Alarm::PERIOD`] or more, or paused with
+    /// no request (kept after an answer, see [`Lane::take_back`]), and arms the alarm again
+    /// while younger ones are paused. (Under the lanes' lock: it rings at most once a
+    /// millisecond, and finds a pause to lift only when a handle is held unused, or a caller
+    /// paused between requests.)
     pub(crate) fn on_alarm(&self) {
         let mut young = false;
         let mut lifted = false;
@@ -155,19 +196,15 @@ impl Lanes {
                     lifted = true;
                 }
                 Some(_) => young = true,
-                // Kept for a next request that did not come (see `take_back`).
-                None if state.idle_seen => lane.resume_watch(&mut state),
-                None => {
-                    state.idle_seen = true;
-                    young = true;
-                }
+                None => lane.resume_watch(&mut state),
             }
         }
         if lifted {
             self.set_pause_at_write(false);
         }
-        if let Some(alarm) = self.alarm.as_ref().filter(|_| young) {
-            alarm.arm();
+        if young {
+            // On failure, `arm_alarm` has lifted them all.
+            self.arm_alarm();
         }
     }
 
@@ -228,7 +265,8 @@ impl Lanes {
         lock(&self.lanes).push(lane);
     }
 
-    /// Removes a worker's lane, closing it.
+    /// Removes a worker's lane, closing it. The scheduler adopts the lane's request first
+    /// (a request still in it would be dropped, its handle failed as at a shutdown).
     pub(crate) fn remove(&self, lane: &Arc<Lane>) {
         self.close(lane);
         lock(&self.lanes).retain(|l| !Arc::ptr_eq(l, lane));
@@ -303,9 +341,6 @@ struct LaneState {
     paused: bool,
     /// The caller of `direct` is reading its answer (see [`CallerReads`]).
     claimed: bool,
-    /// The watch was left paused without a request (see [`Lane::take_back`]), and the alarm
-    /// has rung once since: it lifts the pause when it rings again.
-    idle_seen: bool,
 }
 
 /// A request a caller wrote to a worker.
@@ -330,7 +365,6 @@ impl Lane {
                 direct: None,
                 paused: false,
                 claimed: false,
-                idle_seen: false,
             }),
             unwritten: AtomicUsize::new(0),
             writing: AtomicBool::new(false),
@@ -381,17 +415,13 @@ impl Lane {
             lanes.open.fetch_add(1, Ordering::AcqRel);
         }
         state.claimed = false;
-        match lanes.alarm.as_ref().filter(|_| state.paused && state.open) {
-            // The worker is idle and the lane open: nothing comes from the worker but the
-            // answer to a caller's next request, who is likely the one that waited now. The
-            // watch stays paused for it, which saves it the pause and the resume (three
-            // system calls). The scheduler resumes it when it closes the lane to send the
-            // worker something, and the alarm when no request came within a period or two.
-            Some(alarm) => {
-                state.idle_seen = false;
-                alarm.arm();
-            }
-            None => self.resume_watch(&mut state),
+        // The worker is idle and the lane open: nothing comes from the worker but the answer
+        // to a caller's next request, who is likely the one that waited now. The watch stays
+        // paused for it, which saves it the pause and the resume (three system calls). The
+        // scheduler resumes it when it closes the lane to send the worker something, and the
+        // alarm when it next rings.
+        if !(state.paused && state.open && lanes.arm_alarm()) {
+            self.resume_watch(&mut state);
         }
         direct
     }
@@ -655,6 +685,8 @@ mod tests {
         let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, events));
         let lane = Arc::new(Lane::new(ours, reader).unwrap());
         lanes.add(lane.clone());
+        // As the reactor does once it waits on the alarm.
+        lanes.alarm_watched();
         (lanes, lane, watch)
     }
 
@@ -732,15 +764,13 @@ mod tests {
         assert!(lanes.close(&lane).is_some());
 
         // A caller that read its answer leaves the watch paused for its next request: until
-        // the alarm rings twice, or the scheduler closes the lane to send the worker work.
+        // the alarm rings, or the scheduler closes the lane to send the worker work.
         send(4);
         lane.pause_for(4, true);
         assert!(lane.take_back(4, &lanes).is_some());
         assert!(!reports(&watch, 0), "kept paused for the next request");
         lanes.on_alarm();
-        assert!(!reports(&watch, 0), "lifted at the first ring");
-        lanes.on_alarm();
-        assert!(reports(&watch, 0), "still paused after two rings");
+        assert!(reports(&watch, 0), "still paused after the alarm rang");
         send(5);
         lane.pause_for(5, true);
         assert!(lane.take_back(5, &lanes).is_some());
@@ -749,6 +779,46 @@ mod tests {
         assert!(
             reports(&watch, 0),
             "the scheduler closed the lane: the reactor must read"
+        );
+    }
+
+    /// Without an alarm the reactor waits on (none to be had, or it failed), a pause lasts
+    /// only while a caller reads: nobody would lift one nobody came for.
+    #[test]
+    fn without_a_live_alarm_a_pause_lasts_only_while_a_caller_reads() {
+        let (ours, mut worker) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (lanes, lane, watch) = one_lane(&ours);
+        worker.write_all(b"an answer").unwrap();
+        lanes.set_pause_at_write(true);
+        lanes.open(&lane);
+        let (job, _handle) = job::one::<u64>(1, "t", Blob::new(vec![]), TaskOptions::new(), || {});
+        assert!(matches!(
+            lanes.send(job, b"request", &[]),
+            Ok(Sent::Written(_))
+        ));
+        assert!(!reports(&watch, 0), "paused at the write");
+
+        lanes.alarm_failed();
+        assert!(reports(&watch, 0), "the alarm failed: the pause is lifted");
+        lanes.set_pause_at_write(true);
+        assert!(lanes.close(&lane).is_some());
+        lanes.open(&lane);
+        let (job, _handle) = job::one::<u64>(2, "t", Blob::new(vec![]), TaskOptions::new(), || {});
+        assert!(matches!(
+            lanes.send(job, b"request", &[]),
+            Ok(Sent::Written(_))
+        ));
+        assert!(
+            reports(&watch, 0),
+            "no pause at the write without the alarm"
+        );
+        lane.pause_for(2, true);
+        assert!(!reports(&watch, 0), "paused while the caller reads");
+        assert!(lane.take_back(2, &lanes).is_some());
+        assert!(
+            reports(&watch, 0),
+            "not kept paused after the answer without the alarm"
         );
     }
 

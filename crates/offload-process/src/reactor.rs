@@ -106,8 +106,11 @@ async fn run(
         spin_us: u32::try_from(settings.spin.as_micros()).unwrap_or(u32::MAX),
     });
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<Event>();
-    // Without it (no timer to be had), callers pause the watch only once they wait.
-    let alarm = lanes.alarm().and_then(|alarm| alarm.watch().ok());
+    // Without it (no timer to be had), callers pause the watch only while they read.
+    let mut alarm = lanes.alarm().and_then(|alarm| alarm.watch().ok());
+    if alarm.is_some() {
+        lanes.alarm_watched();
+    }
     let scheduler_lanes = lanes.clone();
     let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, scheduler_lanes);
     scheduler.replenish();
@@ -167,9 +170,12 @@ async fn run(
             },
             rang = rung(&lanes, alarm.as_ref()) => match rang {
                 Ok(()) => lanes.on_alarm(),
-                // Cannot happen with an open timer; not watching it means held handles wait
-                // for their pool's next event to be read.
-                Err(e) => tracing::warn!("the pool's alarm failed: {e}"),
+                // Cannot happen with an open timer. Callers then pause only while they read.
+                Err(e) => {
+                    tracing::warn!("the pool's alarm failed: {e}");
+                    alarm = None;
+                    lanes.alarm_failed();
+                }
             },
             () = &mut startup_deadline, if ready.is_some() => {
                 if let Some(ready) = ready.take() {

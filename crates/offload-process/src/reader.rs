@@ -31,6 +31,9 @@ use crate::watch::ReadWatch;
 /// again (a cancel from another thread, say).
 const HELP_POLL: Duration = Duration::from_millis(10);
 
+/// One caller in this many reads before it looks at [`SharedReader::answers_wait`].
+const HINT_CHECK: u64 = 16;
+
 pub(crate) struct SharedReader {
     pub(crate) pid: u32,
     /// The connection's socket, and the reactor's watch on it.
@@ -46,7 +49,9 @@ pub(crate) struct SharedReader {
     handed_on: AtomicU64,
     /// The last caller's answer had not come when it first looked: the next caller waits in
     /// `poll` before it reads, instead of first reading nothing (one system call less per
-    /// round trip when the worker runs on another CPU). Cleared when an answer was there.
+    /// round trip when the worker runs on another CPU). One caller in [`HINT_CHECK`] reads
+    /// first anyway, and clears it if its answer was there (`poll` cannot tell whether it
+    /// waited).
     answers_wait: AtomicBool,
     /// Set when the reactor's watch could not be resumed after it was paused: the reactor
     /// would not hear from the socket again, so the connection is given up.
@@ -273,7 +278,7 @@ impl SharedReader {
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) -> Found {
-        let hint = self.answers_wait.load(Ordering::Relaxed);
+        let hint = self.answers_wait.load(Ordering::Relaxed) && id % HINT_CHECK != 0;
         let mut poll_first = hint;
         let mut waited = false;
         loop {
@@ -282,7 +287,7 @@ impl SharedReader {
                     id: answered,
                     output,
                 })) if answered == id => {
-                    if hint != waited {
+                    if self.answers_wait.load(Ordering::Relaxed) != waited {
                         self.answers_wait.store(waited, Ordering::Relaxed);
                     }
                     return Found::Answer(output);
@@ -309,11 +314,11 @@ impl SharedReader {
                 return Found::Nothing;
             }
             if std::mem::take(&mut poll_first) {
-                let Some(wait) = wait_time(deadline) else {
-                    return Found::Nothing;
-                };
-                self.wait_readable(wait);
-                waited = true;
+                // Past its deadline it still reads once: the answer may be there.
+                if let Some(wait) = wait_time(deadline) {
+                    self.wait_readable(wait);
+                    waited = true;
+                }
             }
             match self.recv(state) {
                 Ok(true) => {}
@@ -520,8 +525,8 @@ mod tests {
     #[test]
     fn a_caller_waits_for_its_answer() {
         let (reader, mut peer, _received) = setup();
-        // The second caller waits in `poll` first (the first one's answer had not come when
-        // it looked); the third reads first again (the second one's had).
+        // The second and third callers wait in `poll` first (the first one's answer had not
+        // come when it looked); they get their answers, late or there, all the same.
         for (id, late) in [(3, true), (4, false), (5, true)] {
             if !late {
                 peer.write_all(&wire(&[done(id, 4)])).unwrap();
@@ -540,6 +545,50 @@ mod tests {
             );
             peer = writer.join().unwrap();
         }
+    }
+
+    /// The hint to wait in `poll` first, set by an answer that came late, is cleared again
+    /// within [`HINT_CHECK`] answers that were there at the first look.
+    #[test]
+    fn the_poll_first_hint_is_cleared_when_answers_are_there() {
+        let (reader, mut peer, _received) = setup();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            peer.write_all(&wire(&[done(1, 4)])).unwrap();
+            peer
+        });
+        assert!(reader
+            .read_answer((1, "t"), &|| false, soon(), || Some(()))
+            .is_some());
+        let mut peer = writer.join().unwrap();
+        assert!(
+            reader.answers_wait.load(Ordering::Relaxed),
+            "a late answer sets it"
+        );
+        for id in 2..2 + HINT_CHECK {
+            peer.write_all(&wire(&[done(id, 4)])).unwrap();
+            assert!(reader
+                .read_answer((id, "t"), &|| false, soon(), || Some(()))
+                .is_some());
+        }
+        assert!(
+            !reader.answers_wait.load(Ordering::Relaxed),
+            "{HINT_CHECK} answers were there at the first look, yet the hint is still set"
+        );
+    }
+
+    /// A caller whose deadline has passed still takes an answer that is there, also when
+    /// the hint says to wait in `poll` first.
+    #[test]
+    fn an_expired_wait_still_takes_an_answer_that_is_there() {
+        let (reader, mut peer, _received) = setup();
+        reader.answers_wait.store(true, Ordering::Relaxed);
+        peer.write_all(&wire(&[done(3, 4)])).unwrap();
+        assert_eq!(
+            reader.read_answer((3, "t"), &|| false, Some(Instant::now()), || Some(())),
+            Some(((), Ok(Blob::new(vec![4])))),
+            "the answer was in the socket"
+        );
     }
 
     /// Past its deadline, or once its handle resolved some other way, a caller gives up and

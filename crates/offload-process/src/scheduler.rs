@@ -323,6 +323,10 @@ impl Scheduler {
             }
             Event::Message { pid, message } => self.on_message(pid, message),
             Event::Disconnected { pid, closed } => {
+                // A caller may have written to the worker's lane since `adopt_all` looked:
+                // that request is the worker's too, and is settled with its end (removing the
+                // lane would drop it, failing it as if the pool had shut down).
+                self.adopt(pid);
                 if let Some(worker) = self.workers.get_mut(&pid) {
                     worker.closed = closed;
                     worker.writer = None;
