@@ -1406,6 +1406,78 @@ fn answers_nobody_blocks_for_are_read_by_the_pool() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// Several caller threads on one pool, each mixing every way of using a handle (blocking
+/// wait, `.await`, `is_done` polling, a `wait_timeout` that may time out, detach, cancel and
+/// drop, and a task that takes a millisecond): nothing hangs, every answer is right, and the
+/// pool settles everything. (Found no fault in review of the early pause; kept as a guard.)
+fn callers_mixing_every_use_of_a_handle_never_hang() {
+    const SOON: Duration = Duration::from_secs(10);
+    const THREADS: u64 = 4;
+    let pool = pool(2);
+    let (tx, rx) = mpsc::channel();
+    for t in 0..THREADS {
+        let pool = pool.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let mut seed = t * 7919 + 1;
+            for x in 0..400u64 {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let handle = pool.submit(Square(x));
+                match (seed >> 33) % 8 {
+                    0..=2 => assert_eq!(wait(handle), Ok(x * x), "thread {t}, wait {x}"),
+                    3 => {
+                        let r =
+                            runtime.block_on(async { tokio::time::timeout(SOON, handle).await });
+                        assert_eq!(r.ok(), Some(Ok(x * x)), "thread {t}, await {x}");
+                    }
+                    4 => {
+                        let deadline = Instant::now() + SOON;
+                        while !handle.is_done() {
+                            assert!(Instant::now() < deadline, "thread {t}: {x} never done");
+                            std::thread::sleep(Duration::from_micros(30));
+                        }
+                        assert_eq!(wait(handle), Ok(x * x));
+                    }
+                    5 => {
+                        let mut handle = handle;
+                        let answer = match handle.wait_timeout(Duration::from_micros(1)) {
+                            Some(answer) => answer,
+                            None => handle.wait_timeout(SOON).expect("no answer within 10 s"),
+                        };
+                        assert_eq!(answer, Ok(x * x), "thread {t}, wait_timeout {x}");
+                    }
+                    6 => {
+                        handle.detach();
+                        let slept = pool.submit(Sleep(1)).wait_timeout(SOON);
+                        assert_eq!(slept, Some(Ok(())), "thread {t}, sleep after {x}");
+                    }
+                    _ => {
+                        let _ = handle.cancel();
+                        drop(handle);
+                    }
+                }
+            }
+            let _ = tx.send(t);
+        });
+    }
+    drop(tx);
+    for _ in 0..THREADS {
+        rx.recv_timeout(LIMIT).expect("a caller thread hung");
+    }
+    eventually("every request settled", || {
+        let stats = pool.stats();
+        stats.queued + stats.running == 0
+    });
+    assert_eq!(wait(pool.submit(Square(3))), Ok(9));
+    assert!(pool.join_timeout(LIMIT));
+}
+
 /// A handle held without a wait does not hold its task back: the pool reads the answer (and
 /// the task's log records) as they come, so the task runs to its end, is counted and is done,
 /// and a late cancel finds it finished. (A first version paused the pool's reading from the
@@ -1825,6 +1897,7 @@ fn main() {
         a_blocked_caller_reads_its_own_answer_and_the_pool_counts_it,
         a_wait_that_times_out_leaves_the_answer_to_the_pool,
         answers_nobody_blocks_for_are_read_by_the_pool,
+        callers_mixing_every_use_of_a_handle_never_hang,
         a_held_handle_does_not_hold_its_task_back,
         a_held_handle_does_not_hold_its_task_back_in_a_busy_pool,
         sequential_waits_on_a_recycling_pool_keep_to_the_limit,
