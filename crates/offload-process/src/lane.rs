@@ -690,6 +690,21 @@ mod tests {
         (lanes, lane, watch)
     }
 
+    /// A lane over a connection on which the worker has written an answer already; the
+    /// sockets stay open as long as the first value is held.
+    fn answered_lane() -> (
+        (UnixStream, UnixStream),
+        Arc<Lanes>,
+        Arc<Lane>,
+        Arc<crate::watch::ReadWatch>,
+    ) {
+        let (ours, mut worker) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (lanes, lane, watch) = one_lane(&ours);
+        worker.write_all(b"an answer").unwrap();
+        ((ours, worker), lanes, lane, watch)
+    }
+
     /// Whether the watch reports bytes within `ms`.
     fn reports(watch: &crate::watch::ReadWatch, ms: i32) -> bool {
         let mut fds = [libc::pollfd {
@@ -706,10 +721,7 @@ mod tests {
     /// once; the alarm lifts it for a handle nobody touches, but not while its caller reads.
     #[test]
     fn a_pause_made_at_the_write_is_lifted_when_nobody_comes_to_read() {
-        let (ours, mut worker) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let (lanes, lane, watch) = one_lane(&ours);
-        worker.write_all(b"an answer").unwrap();
+        let (_sockets, lanes, lane, watch) = answered_lane();
         let mut handles = Vec::new();
         let mut send = |id: RequestId| {
             lanes.set_pause_at_write(true);
@@ -786,10 +798,7 @@ mod tests {
     /// only while a caller reads: nobody would lift one nobody came for.
     #[test]
     fn without_a_live_alarm_a_pause_lasts_only_while_a_caller_reads() {
-        let (ours, mut worker) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let (lanes, lane, watch) = one_lane(&ours);
-        worker.write_all(b"an answer").unwrap();
+        let (_sockets, lanes, lane, watch) = answered_lane();
         lanes.set_pause_at_write(true);
         lanes.open(&lane);
         let (job, _handle) = job::one::<u64>(1, "t", Blob::new(vec![]), TaskOptions::new(), || {});

@@ -1398,6 +1398,11 @@ fn answers_nobody_blocks_for_are_read_by_the_pool() {
             _ => drop(handle),
         }
     }
+    settles_everything_and_serves_on(&pool);
+}
+
+/// Every request submitted so far settles, and the pool still serves, then shuts down.
+fn settles_everything_and_serves_on(pool: &ProcessPool) {
     eventually("every request settled", || {
         let stats = pool.stats();
         stats.queued + stats.running == 0
@@ -1470,12 +1475,7 @@ fn callers_mixing_every_use_of_a_handle_never_hang() {
     for _ in 0..THREADS {
         rx.recv_timeout(LIMIT).expect("a caller thread hung");
     }
-    eventually("every request settled", || {
-        let stats = pool.stats();
-        stats.queued + stats.running == 0
-    });
-    assert_eq!(wait(pool.submit(Square(3))), Ok(9));
-    assert!(pool.join_timeout(LIMIT));
+    settles_everything_and_serves_on(&pool);
 }
 
 /// A handle held without a wait does not hold its task back: the pool reads the answer (and
