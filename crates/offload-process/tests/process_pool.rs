@@ -1372,33 +1372,63 @@ fn a_wait_that_times_out_leaves_the_answer_to_the_pool() {
 /// keeps serving. (The first version left an awaited answer unread: the watch, resumed while
 /// the answer waited, did not wake the I/O thread.)
 fn answers_nobody_blocks_for_are_read_by_the_pool() {
-    const SOON: Duration = Duration::from_secs(5);
     let pool = pool(2);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let runtime = current_thread_runtime();
     for x in 0..400u64 {
-        let handle = pool.submit(Square(x));
-        match x % 5 {
-            0 => assert_eq!(wait(handle), Ok(x * x)),
-            1 => {
-                let awaited = runtime.block_on(async { tokio::time::timeout(SOON, handle).await });
-                assert_eq!(awaited.ok(), Some(Ok(x * x)), "awaiting request {x}");
-            }
-            2 => {
-                let deadline = Instant::now() + SOON;
-                while !handle.is_done() {
-                    assert!(Instant::now() < deadline, "request {x} never done");
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                assert_eq!(wait(handle), Ok(x * x));
-            }
-            3 => handle.detach(),
-            _ => drop(handle),
-        }
+        let how = [Use::Wait, Use::Await, Use::PollDone, Use::Detach, Use::Drop][x as usize % 5];
+        use_square(pool.submit(Square(x)), x, how, &runtime);
     }
     settles_everything_and_serves_on(&pool);
+}
+
+/// A way to use a task's handle.
+#[derive(Debug, Clone, Copy)]
+enum Use {
+    Wait,
+    Await,
+    /// `is_done` until it is, then `wait`.
+    PollDone,
+    /// A `wait_timeout` that may give up, then another.
+    WaitTimeout,
+    Detach,
+    Drop,
+}
+
+/// Uses the handle of `Square(x)` as `how` says, checking the answer where there is one.
+fn use_square(handle: TaskHandle<u64>, x: u64, how: Use, runtime: &tokio::runtime::Runtime) {
+    const SOON: Duration = Duration::from_secs(10);
+    match how {
+        Use::Wait => assert_eq!(wait(handle), Ok(x * x), "waiting for {x}"),
+        Use::Await => {
+            let awaited = runtime.block_on(async { tokio::time::timeout(SOON, handle).await });
+            assert_eq!(awaited.ok(), Some(Ok(x * x)), "awaiting {x}");
+        }
+        Use::PollDone => {
+            let deadline = Instant::now() + SOON;
+            while !handle.is_done() {
+                assert!(Instant::now() < deadline, "{x} never done");
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            assert_eq!(wait(handle), Ok(x * x));
+        }
+        Use::WaitTimeout => {
+            let mut handle = handle;
+            let answer = match handle.wait_timeout(Duration::from_micros(1)) {
+                Some(answer) => answer,
+                None => handle.wait_timeout(SOON).expect("no answer within 10 s"),
+            };
+            assert_eq!(answer, Ok(x * x), "wait_timeout for {x}");
+        }
+        Use::Detach => handle.detach(),
+        Use::Drop => drop(handle),
+    }
+}
+
+fn current_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
 }
 
 /// Every request submitted so far settles, and the pool still serves, then shuts down.
@@ -1412,59 +1442,40 @@ fn settles_everything_and_serves_on(pool: &ProcessPool) {
 }
 
 /// Several caller threads on one pool, each mixing every way of using a handle (blocking
-/// wait, `.await`, `is_done` polling, a `wait_timeout` that may time out, detach, cancel and
-/// drop, and a task that takes a millisecond): nothing hangs, every answer is right, and the
-/// pool settles everything. (Found no fault in review of the early pause; kept as a guard.)
+/// wait, `.await`, `is_done` polling, a `wait_timeout` that may time out, detach, drop, and a
+/// task that takes a millisecond): nothing hangs, every answer is right, and the pool
+/// settles everything. (Found no fault in review of the early pause; kept as a guard.)
 fn callers_mixing_every_use_of_a_handle_never_hang() {
-    const SOON: Duration = Duration::from_secs(10);
     const THREADS: u64 = 4;
+    const USES: [Use; 7] = [
+        Use::Wait,
+        Use::Wait,
+        Use::Wait,
+        Use::Await,
+        Use::PollDone,
+        Use::WaitTimeout,
+        Use::Drop,
+    ];
     let pool = pool(2);
     let (tx, rx) = mpsc::channel();
     for t in 0..THREADS {
         let pool = pool.clone();
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .unwrap();
+            let runtime = current_thread_runtime();
             let mut seed = t * 7919 + 1;
             for x in 0..400u64 {
                 seed = seed
                     .wrapping_mul(6_364_136_223_846_793_005)
                     .wrapping_add(1_442_695_040_888_963_407);
                 let handle = pool.submit(Square(x));
-                match (seed >> 33) % 8 {
-                    0..=2 => assert_eq!(wait(handle), Ok(x * x), "thread {t}, wait {x}"),
-                    3 => {
-                        let r =
-                            runtime.block_on(async { tokio::time::timeout(SOON, handle).await });
-                        assert_eq!(r.ok(), Some(Ok(x * x)), "thread {t}, await {x}");
-                    }
-                    4 => {
-                        let deadline = Instant::now() + SOON;
-                        while !handle.is_done() {
-                            assert!(Instant::now() < deadline, "thread {t}: {x} never done");
-                            std::thread::sleep(Duration::from_micros(30));
-                        }
-                        assert_eq!(wait(handle), Ok(x * x));
-                    }
-                    5 => {
-                        let mut handle = handle;
-                        let answer = match handle.wait_timeout(Duration::from_micros(1)) {
-                            Some(answer) => answer,
-                            None => handle.wait_timeout(SOON).expect("no answer within 10 s"),
-                        };
-                        assert_eq!(answer, Ok(x * x), "thread {t}, wait_timeout {x}");
-                    }
-                    6 => {
+                let pick = (seed >> 33) as usize % (USES.len() + 1);
+                match USES.get(pick) {
+                    Some(&how) => use_square(handle, x, how, &runtime),
+                    None => {
                         handle.detach();
-                        let slept = pool.submit(Sleep(1)).wait_timeout(SOON);
+                        let slept = pool.submit(Sleep(1)).wait_timeout(LIMIT);
                         assert_eq!(slept, Some(Ok(())), "thread {t}, sleep after {x}");
-                    }
-                    _ => {
-                        let _ = handle.cancel();
-                        drop(handle);
                     }
                 }
             }
