@@ -226,7 +226,8 @@ pub(crate) fn one<T: DeserializeOwned + Send + 'static>(
     (job, handle)
 }
 
-/// A job for a batch of `count` tasks packed in `inputs`, and its handle. `on_cancel` runs if the caller cancels it.
+/// A job for a batch of `count` tasks packed in `inputs`, and its handle. `on_cancel` runs if
+/// the caller cancels it.
 pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     id: RequestId,
     name: &'static str,

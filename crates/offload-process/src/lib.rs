@@ -8,8 +8,8 @@
 //! - One central queue feeds a small in-flight window per worker; writes and reads are
 //!   coalesced, so a burst of tiny tasks costs few syscalls.
 //! - A worker that dies fails only the task it was running, with its pid and exit code or
-//!   signal in the error; tasks queued behind it run elsewhere, and it is replaced. Workers die with the parent (socket EOF, and
-//!   `PR_SET_PDEATHSIG` on Linux).
+//!   signal in the error; tasks queued behind it run elsewhere, and it is replaced. Workers
+//!   die with the parent (socket EOF, and `PR_SET_PDEATHSIG` on Linux).
 //! - `tracing` events in tasks reach the parent's subscriber, inside a span with `worker.pid`
 //!   and `task.name`.
 //! - The pool runs its own small I/O thread, so it works from sync code and any runtime.

@@ -111,8 +111,7 @@ async fn run(
     if alarm.is_some() {
         lanes.alarm_watched();
     }
-    let scheduler_lanes = lanes.clone();
-    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, scheduler_lanes);
+    let mut scheduler = Scheduler::new(settings, events_tx.clone(), stats, lanes.clone());
     scheduler.replenish();
     let mut ready = Some(ready);
     let startup_deadline = tokio::time::sleep(startup_timeout);

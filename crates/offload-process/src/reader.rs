@@ -234,8 +234,9 @@ impl SharedReader {
     }
 
     /// For a caller that found the I/O thread waiting for it (see [`Self::let_go`]): hands on
-    /// the frames it read, and reads the socket until it is empty. True when something is left for the I/O thread (a partial
-    /// frame, the end of the stream, a frame the scheduler could not take).
+    /// the frames it read, and reads the socket until it is empty. True when something is
+    /// left for the I/O thread (a partial frame, the end of the stream, a frame the scheduler
+    /// could not take).
     fn hand_on_rest(&self, state: &mut ReadState) -> bool {
         loop {
             if self.hand_on_decoded(state) {

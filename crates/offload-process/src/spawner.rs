@@ -109,9 +109,9 @@ fn spawn_child(
     // No `pre_exec` hook, on purpose: with one, std must fork, and forking copies the
     // parent's page tables and makes every page it writes afterwards fault (copy-on-write):
     // starting 2 workers took 7.1 ms from a parent with 100 MiB of heap, 22 ms at 400 MiB,
-    // paid again for every replacement. Without one, std uses posix_spawn (a vfork: nothing is copied). The worker
-    // closes the descriptors it inherited beyond its standard streams as it starts
-    // (`offload_ipc::transport::close_inherited`) from the list made here.
+    // paid again for every replacement. Without one, std uses posix_spawn (a vfork: nothing
+    // is copied). The worker closes the descriptors it inherited beyond its standard streams
+    // as it starts (`offload_ipc::transport::close_inherited`) from the list made here.
     let mut command = Command::new(program);
     let inherited = inherited_descriptors();
     if inherited.is_empty() {

@@ -81,12 +81,8 @@ impl Reader {
         let mut spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
         let mut turns = 0u32;
         let mut waited = false;
+        // Nothing buffered (not even part of a frame): whole messages would be returned first.
         if spin_until.is_none() && self.one_at_a_time && !self.decoder.has_partial() {
-            let mut buffered = Vec::new();
-            self.decoded(&mut buffered)?;
-            if !buffered.is_empty() {
-                return Ok(buffered);
-            }
             self.wait_readable();
             waited = true;
         }
