@@ -16,8 +16,27 @@ use crate::{CancelFlag, TaskError, TaskHandle};
 pub mod attach;
 pub use crate::cancel::EnterGuard;
 pub use crate::packed::{encode_into, pack, pack_failures, unpack_results, WireError};
+pub use crate::registry::OutputBytes;
 pub use crate::unwind::{catch_task_panic, panic_message};
 pub use attach::Fd;
+
+/// A shared buffer's segment, to send to another process; `None` for an empty buffer, which
+/// has none.
+pub fn segment_of(buf: &crate::SharedBuf) -> Option<&Fd> {
+    buf.segment()
+}
+
+/// Maps a segment of `len` bytes that arrived from another process, as a [`SharedBuf`]
+/// would be on arrival (the segment must be sealed against shrinking, and hold `len` bytes).
+///
+/// # Errors
+///
+/// When the descriptor is not such a segment, or cannot be mapped.
+///
+/// [`SharedBuf`]: crate::SharedBuf
+pub fn map_segment(fd: Fd, len: usize) -> std::io::Result<crate::SharedBuf> {
+    crate::SharedBuf::adopt(fd, len)
+}
 
 /// Creates a queued task's handle and its completer. `name` is the task's name, for errors.
 pub fn pair<T>(name: &'static str) -> (Completer<T>, TaskHandle<T>) {

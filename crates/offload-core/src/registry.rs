@@ -20,7 +20,25 @@ pub struct TaskEntry {
 
 /// Encoded bytes and the descriptors that travel beside them.
 type Encoded = (Vec<u8>, Vec<Fd>);
-type InvokeFn = fn(&[u8], &[Fd]) -> Result<Encoded, TaskError>;
+type InvokeFn = fn(Source<'_>, &[Fd]) -> Result<(OutputBytes, Vec<Fd>), TaskError>;
+
+/// Where a task's input is, and where its output may go.
+enum Source<'a> {
+    /// Input bytes; the output goes into a new buffer.
+    Bytes(&'a [u8]),
+    /// A buffer whose first this many bytes are the input; the output is written over it
+    /// when it fits.
+    InPlace(&'a mut [u8], usize),
+}
+
+/// Where [`TaskEntry::invoke_in_place`] put a task's encoded output.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OutputBytes {
+    /// In the buffer it was given: its first this many bytes.
+    InPlace(usize),
+    /// In a new buffer: the output did not fit.
+    Encoded(Vec<u8>),
+}
 type RunPackedFn = fn(&[u8], &[Fd], usize, &mut Vec<u8>, &mut Vec<Fd>) -> usize;
 
 inventory::collect!(TaskEntry);
@@ -49,8 +67,35 @@ impl TaskEntry {
     ///
     /// [`TaskError::Serialization`] when the input does not decode as this task or the output
     /// does not encode; [`TaskError::Panicked`] when the task panics.
-    pub fn invoke(&self, input: &[u8], fds: &[Fd]) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
-        (self.invoke)(input, fds)
+    pub fn invoke(&self, input: &[u8], fds: &[Fd]) -> Result<Encoded, TaskError> {
+        match (self.invoke)(Source::Bytes(input), fds)? {
+            (OutputBytes::Encoded(bytes), fds) => Ok((bytes, fds)),
+            (OutputBytes::InPlace(_), fds) => Ok((Vec::new(), fds)),
+        }
+    }
+
+    /// Like [`invoke`](Self::invoke) on the first `len` bytes of `buf` (a worker's
+    /// shared-memory segment), and then the output is encoded over `buf` when it fits, into a
+    /// new buffer otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As for [`invoke`](Self::invoke), and a serialization error when `len` is past the end
+    /// of `buf`.
+    pub fn invoke_in_place(
+        &self,
+        buf: &mut [u8],
+        len: usize,
+        fds: &[Fd],
+    ) -> Result<(OutputBytes, Vec<Fd>), TaskError> {
+        if len > buf.len() {
+            let message = format!(
+                "the input claims {len} bytes of a {}-byte buffer",
+                buf.len()
+            );
+            return Err(TaskError::serialization(self.name, message));
+        }
+        (self.invoke)(Source::InPlace(buf, len), fds)
     }
 
     /// Runs a packed batch: `count` tasks encoded back to back in `input` (see
@@ -74,12 +119,26 @@ impl TaskEntry {
     }
 }
 
-fn invoke<T: Task>(input: &[u8], fds: &[Fd]) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
+fn invoke<T: Task>(source: Source<'_>, fds: &[Fd]) -> Result<(OutputBytes, Vec<Fd>), TaskError> {
+    let input = match &source {
+        Source::Bytes(input) => input,
+        Source::InPlace(buf, len) => buf.get(..*len).unwrap_or_default(),
+    };
     let task: T =
         attach::decode_with_fds(input, fds).map_err(|e| TaskError::serialization(T::NAME, e))?;
     // No list is collected or provided while the task runs: its own serialization is its own.
     let output = catch_task_panic(T::NAME, move || task.run())?;
-    attach::encode_with_fds(&output).map_err(|e| TaskError::serialization(T::NAME, e))
+    if let Source::InPlace(out, _) = source {
+        let (written, fds) =
+            attach::collecting(|| postcard::to_slice(&output, out).map(|o| o.len()));
+        // Any failure but a full buffer is reported by the encode below.
+        if let Ok(len) = written {
+            return Ok((OutputBytes::InPlace(len), fds));
+        }
+    }
+    let (bytes, fds) =
+        attach::encode_with_fds(&output).map_err(|e| TaskError::serialization(T::NAME, e))?;
+    Ok((OutputBytes::Encoded(bytes), fds))
 }
 
 /// Encodes `value` with postcard, the format of every task and output on the wire.
@@ -231,6 +290,27 @@ mod tests {
         assert_eq!(postcard::from_bytes::<u32>(&output).expect("decode"), 42);
         assert!(fds.is_empty());
         assert!(registered_tasks().any(|e| e.name() == Double::NAME));
+    }
+
+    #[test]
+    fn an_output_is_written_in_place_when_it_fits() {
+        let entry = find_task(Double::NAME).expect("registered");
+        let input = postcard::to_stdvec(&Double(200)).expect("encode");
+        let mut buf = [0; 4];
+        buf[..input.len()].copy_from_slice(&input);
+        let (output, _) = entry
+            .invoke_in_place(&mut buf, input.len(), &[])
+            .expect("runs");
+        assert_eq!(output, OutputBytes::InPlace(2));
+        assert_eq!(postcard::from_bytes::<u32>(&buf[..2]).expect("decode"), 400);
+        // 100 encodes in one byte, its double in two: the output does not fit.
+        let mut small = postcard::to_stdvec(&Double(100)).expect("encode");
+        assert_eq!(small.len(), 1);
+        let (output, _) = entry.invoke_in_place(&mut small, 1, &[]).expect("runs");
+        let expected = postcard::to_stdvec(&200u32).expect("encode");
+        assert_eq!(output, OutputBytes::Encoded(expected));
+        let err = entry.invoke_in_place(&mut small, 3, &[]).unwrap_err();
+        assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
     }
 
     #[test]

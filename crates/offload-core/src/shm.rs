@@ -103,10 +103,15 @@ impl SharedBuf {
         }
     }
 
+    /// The buffer's segment; `None` for an empty buffer.
+    pub(crate) fn segment(&self) -> Option<&Fd> {
+        self.fd.as_ref()
+    }
+
     /// Maps a segment that arrived from another process. It must be sealed against shrinking
     /// (as every `SharedBuf`'s is): a segment the sender could truncate would turn our reads
     /// into crashes.
-    fn adopt(fd: Fd, len: usize) -> io::Result<Self> {
+    pub(crate) fn adopt(fd: Fd, len: usize) -> io::Result<Self> {
         if len == 0 {
             return Ok(Self::empty());
         }

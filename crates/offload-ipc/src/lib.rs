@@ -3,6 +3,8 @@
 //! - [`fdpass`]: file descriptors beside a frame's bytes (`SCM_RIGHTS`).
 //! - [`frame`]: length-prefixed postcard frames with a size limit checked before allocation.
 //! - [`protocol`]: every message between a pool and its workers.
+//! - [`recycle`]: large encode buffers, kept for the next large task.
+//! - [`segment`]: large payloads through shared-memory segments a connection reuses.
 //! - [`handshake`]: token, protocol-version and build checks.
 //! - [`transport`]: socket names and the environment contract of a worker.
 //! - [`worker`]: the blocking worker loop a worker process runs instead of `main`.
@@ -15,6 +17,8 @@ pub mod frame;
 pub mod handshake;
 mod log_forward;
 pub mod protocol;
+pub mod recycle;
+pub mod segment;
 pub mod transport;
 pub mod worker;
 

@@ -3,15 +3,20 @@
 //! A worker connects and sends [`Hello`]; the parent answers [`ToWorker::Welcome`] or
 //! [`ToWorker::Refused`] (see [`handshake`](crate::handshake)). Then the parent sends work
 //! and cancels, and the worker sends results and log records, in any interleaving. Requests
-//! carry an `id` chosen by the parent; a worker answers each `Run` / `RunBatch` exactly once.
+//! carry an `id` chosen by the parent; a worker answers each `Run`, `RunInSegment` and
+//! `RunBatch` exactly once.
 
 use std::sync::Arc;
 
 use offload_core::backend::attach::{self, Fd};
+use offload_core::SharedBuf;
 use serde::{Deserialize, Serialize};
 
+use crate::recycle::{Recycled, Recycler};
+use crate::segment::Segment;
+
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -27,7 +32,7 @@ pub fn build_id() -> String {
 
 /// An encoded task or output: bytes that postcard writes as one length and a copy, not
 /// element by element, and the file descriptors of values in it that travel beside the bytes
-/// (a [`SharedBuf`](offload_core::SharedBuf)'s memory; see [`offload_core::backend::attach`]).
+/// (a [`SharedBuf`]'s memory; see [`offload_core::backend::attach`]).
 ///
 /// Owned by default (what a worker decodes and produces: no extra allocation). The pool
 /// makes its payloads [`shared`](Blob::shared), so it can keep a request's bytes until the
@@ -47,6 +52,11 @@ enum Repr {
     /// Part of a large frame's buffer, decoded in place (see [`Blob::decode_in_place`]): its
     /// start and end (a frame is at most `u32::MAX` bytes long).
     Slice(Arc<Vec<u8>>, u32, u32),
+    /// The first bytes of a shared-memory segment (see [`crate::segment`]): an output read in
+    /// place. The segment is lent again once no clone of the blob is left.
+    Segment(Arc<SharedBuf>, usize),
+    /// Shared bytes that go back to their pool's spare buffers when the last clone drops.
+    Recycled(Arc<Recycled>),
 }
 
 impl Default for Repr {
@@ -72,6 +82,24 @@ impl Blob {
         }
     }
 
+    /// Wraps encoded bytes to be shared, like [`shared`](Self::shared); when the last clone
+    /// drops, the buffer goes back to `home` for a later encode.
+    pub fn recycled(bytes: Vec<u8>, home: &Arc<Recycler>) -> Self {
+        Blob {
+            bytes: Repr::Recycled(Arc::new(Recycled::new(bytes, home))),
+            fds: None,
+        }
+    }
+
+    /// The first `len` bytes of `segment` (at most its length), where a worker wrote them.
+    pub fn in_segment(segment: Arc<SharedBuf>, len: usize) -> Self {
+        let len = len.min(segment.len());
+        Blob {
+            bytes: Repr::Segment(segment, len),
+            fds: None,
+        }
+    }
+
     /// The same bytes, with the descriptors their values refer to (index 0 first).
     pub fn with_fds(mut self, fds: Vec<Fd>) -> Self {
         self.fds = (!fds.is_empty()).then(|| Arc::from(fds));
@@ -84,6 +112,8 @@ impl Blob {
             Repr::Owned(v) => v,
             Repr::Shared(v) => v,
             Repr::Slice(v, start, end) => v.get(*start as usize..*end as usize).unwrap_or_default(),
+            Repr::Segment(segment, len) => segment.get(..*len).unwrap_or_default(),
+            Repr::Recycled(recycled) => &recycled.bytes,
         }
     }
 
@@ -317,6 +347,23 @@ pub enum ToWorker {
         /// The task, postcard-encoded.
         input: Blob,
     },
+    /// Run one task whose input is in a shared-memory segment: a large input (see
+    /// [`crate::segment`]).
+    RunInSegment {
+        /// Request id.
+        id: u64,
+        /// The task's registered name.
+        task: String,
+        /// The connection's slot that holds the input.
+        slot: u32,
+        /// The slot's new segment, when the parent made one (the worker keeps it mapped
+        /// for later requests, which name the slot only).
+        segment: Option<Segment>,
+        /// The input's length: the segment's first `len` bytes.
+        len: u64,
+        /// The input's descriptors (its bytes are in the segment).
+        fds: Blob,
+    },
     /// Run several tasks of one type, in order, answering once.
     RunBatch {
         /// Request id.
@@ -342,12 +389,22 @@ pub enum ToWorker {
 pub enum ToParent {
     /// The first message: who the worker is.
     Hello(Hello),
-    /// The answer to `Run`.
+    /// The answer to `Run`, and to a `RunInSegment` whose output does not fit its segment.
     Done {
         /// Request id.
         id: u64,
         /// The output, postcard-encoded, or why there is none.
         output: Result<Blob, WireError>,
+    },
+    /// The answer to `RunInSegment` when the output fits in its segment: the output is the
+    /// segment's first `len` bytes. (Otherwise the answer is a `Done`.)
+    DoneInSegment {
+        /// Request id.
+        id: u64,
+        /// The output's length.
+        len: u64,
+        /// The output's descriptors (its bytes are in the segment).
+        fds: Blob,
     },
     /// The answer to `RunBatch`: one result per task, in order.
     BatchDone {

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use interprocess::local_socket::prelude::*;
 use interprocess::local_socket::{GenericNamespaced, Stream};
-use offload_core::backend::{self, Fd};
-use offload_core::{find_task, CancelFlag};
+use offload_core::backend::{self, Fd, OutputBytes};
+use offload_core::{find_task, CancelFlag, SharedBuf, TaskEntry};
 
 use crate::fdpass;
 use crate::frame::{self, DEFAULT_MAX_FRAME};
@@ -263,15 +263,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs one request under its cancel flag; `poll` reads cancels when the task checks.
-fn run_request(request: Request, flag: &CancelFlag, poll: fn()) -> ToParent {
-    let (Request::One { id, .. } | Request::Batch { id, .. }) = request;
+/// `segment` is the slot's segment of a `RunInSegment`, taken from the worker's slots (or why
+/// there is none).
+fn run_request(
+    request: Request,
+    segment: Option<Result<&mut SharedBuf, &str>>,
+    flag: &CancelFlag,
+    poll: fn(),
+) -> ToParent {
+    let id = request.id();
     let _request = enter_request(id);
     let _flag = backend::enter_polled(flag.clone(), poll);
     match request {
         Request::One { task, input, .. } => ToParent::Done {
             id,
-            output: run_one(&task, &input),
+            output: run_one(&task, input.as_bytes(), input.fds()),
         },
+        Request::InSegment { task, len, fds, .. } => {
+            let segment = segment.unwrap_or(Err("no segment was taken for it"));
+            run_in_segment(id, &task, segment, len, &fds)
+        }
         Request::Batch {
             task,
             count,
@@ -291,16 +302,59 @@ fn run_request(request: Request, flag: &CancelFlag, poll: fn()) -> ToParent {
     }
 }
 
+/// Runs one task whose input is the first `len` bytes of `segment`, and writes its output
+/// into the segment when it fits (see [`crate::segment`]).
+fn run_in_segment(
+    id: u64,
+    task: &str,
+    segment: Result<&mut SharedBuf, &str>,
+    len: u64,
+    fds: &Blob,
+) -> ToParent {
+    let segment = match segment {
+        Ok(segment) => segment,
+        Err(e) => {
+            let error = format!("the task's input did not reach the worker: {e}");
+            return ToParent::Done {
+                id,
+                output: Err(WireError::Serialization(error)),
+            };
+        }
+    };
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    let output = entry_to_run(task).and_then(|entry| {
+        entry
+            .invoke_in_place(segment, len, fds.fds())
+            .map_err(WireError::from_task_error)
+    });
+    match output {
+        Ok((OutputBytes::InPlace(len), fds)) => ToParent::DoneInSegment {
+            id,
+            len: len as u64,
+            fds: Blob::default().with_fds(fds),
+        },
+        Ok((OutputBytes::Encoded(bytes), fds)) => ToParent::Done {
+            id,
+            output: Ok(Blob::new(bytes).with_fds(fds)),
+        },
+        Err(e) => ToParent::Done { id, output: Err(e) },
+    }
+}
+
 /// Runs one task; the request's flag is current, and its cancel hook runs at the check.
-fn run_one(task: &str, input: &Blob) -> Result<Blob, WireError> {
+fn run_one(task: &str, input: &[u8], fds: &[Fd]) -> Result<Blob, WireError> {
+    entry_to_run(task)?
+        .invoke(input, fds)
+        .map(|(bytes, fds)| Blob::new(bytes).with_fds(fds))
+        .map_err(WireError::from_task_error)
+}
+
+/// The registered task `task`, unless the request was cancelled before it started.
+fn entry_to_run(task: &str) -> Result<&'static TaskEntry, WireError> {
     if offload_core::is_cancelled() {
         return Err(WireError::Cancelled);
     }
-    let entry = find_task(task).map_err(|e| WireError::UnknownTask(e.to_string()))?;
-    entry
-        .invoke(input.as_bytes(), input.fds())
-        .map(|(bytes, fds)| Blob::new(bytes).with_fds(fds))
-        .map_err(WireError::from_task_error)
+    find_task(task).map_err(|e| WireError::UnknownTask(e.to_string()))
 }
 
 /// Runs a packed batch of `count` tasks into `outputs` (descriptors into `fds`); returns how

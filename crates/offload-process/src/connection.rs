@@ -255,6 +255,8 @@ async fn write_loop(
         let mut large = None;
         let mut next = Some(first);
         while let Some(message) = next.take() {
+            // A large input goes into shared memory if it can, and the request is then small.
+            let message = lane.reader.segments.place(message);
             if has_large_input(&message) {
                 large = Some(message);
                 break;

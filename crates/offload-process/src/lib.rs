@@ -46,6 +46,7 @@ mod pool;
 mod reactor;
 mod reader;
 mod scheduler;
+mod segments;
 mod socket;
 mod spawner;
 mod stats;

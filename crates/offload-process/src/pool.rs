@@ -9,6 +9,7 @@ use offload_core::backend::{self, attach, Fd};
 use offload_core::{BatchHandle, Executor, SubmitError, Task, TaskError, TaskHandle};
 use offload_ipc::frame;
 use offload_ipc::protocol::Blob;
+use offload_ipc::recycle::{Recycler, RECYCLE_MIN};
 
 use crate::job::{self, Job, Payload, TaskOptions};
 use crate::lane::{Lanes, Sent, WaitHelp, DIRECT_MAX};
@@ -52,6 +53,8 @@ struct PoolInner {
     stats: Arc<Mutex<Published>>,
     /// Idle workers that callers may write a request to directly.
     lanes: Arc<Lanes>,
+    /// Spare buffers for large tasks' encodes.
+    recycler: Arc<Recycler>,
     reactor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -96,6 +99,7 @@ impl ProcessPool {
                 defaults,
                 stats,
                 lanes,
+                recycler: Arc::default(),
                 reactor: Mutex::new(Some(reactor)),
             }),
         }
@@ -153,7 +157,7 @@ impl ProcessPool {
         }
         let input = match self.encode(&task) {
             // Shared: the job keeps it while it runs, and sending it must not copy it.
-            Ok((input, fds)) => Blob::shared(input).with_fds(fds),
+            Ok((input, fds)) => self.share(input).with_fds(fds),
             Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
         };
         let id = self.next_id();
@@ -256,10 +260,44 @@ impl ProcessPool {
         let _ = self.inner.commands.send(Command::Submit(job));
     }
 
+    /// A request's encoded bytes, to share between the job and its writes; a large buffer
+    /// goes back to the pool's spares when the job is done with it.
+    fn share(&self, bytes: Vec<u8>) -> Blob {
+        if bytes.capacity() >= RECYCLE_MIN {
+            Blob::recycled(bytes, &self.inner.recycler)
+        } else {
+            Blob::shared(bytes)
+        }
+    }
+
     /// Encodes a task, with the descriptors of values in it that travel beside the bytes.
+    /// Into a spare buffer, when the pool keeps one (it has run large tasks): see `recycle`.
     fn encode<T: Task>(&self, task: &T) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
-        let (bytes, fds) =
-            attach::encode_with_fds(task).map_err(|e| TaskError::serialization(T::NAME, e))?;
+        let (bytes, fds) = match self.inner.recycler.take() {
+            Some(mut spare) => {
+                let (encoded, fds) = attach::collecting(|| backend::encode_into(task, &mut spare));
+                let bytes = match encoded {
+                    // A small task: its bytes are copied out, and the buffer kept for a
+                    // large one.
+                    Ok(()) if spare.len() < RECYCLE_MIN => {
+                        let bytes = spare.clone();
+                        self.inner.recycler.put(spare);
+                        Ok(bytes)
+                    }
+                    Ok(()) => Ok(spare),
+                    Err(e) => {
+                        self.inner.recycler.put(spare);
+                        Err(e)
+                    }
+                };
+                (bytes, fds)
+            }
+            None => match attach::encode_with_fds(task) {
+                Ok((bytes, fds)) => (Ok(bytes), fds),
+                Err(e) => (Err(e), Vec::new()),
+            },
+        };
+        let bytes = bytes.map_err(|e| TaskError::serialization(T::NAME, e))?;
         check_fds(T::NAME, fds.len(), "")?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
         if bytes.len() > limit {

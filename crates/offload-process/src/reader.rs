@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use crate::connection::Event;
 use crate::forward;
 use crate::job::RequestId;
+use crate::segments::Segments;
 use crate::watch::ReadWatch;
 
 /// How long a helping caller sleeps in `poll` before it looks at its handle and deadline
@@ -53,6 +54,8 @@ pub(crate) struct SharedReader {
     /// first anyway, and clears it if its answer was there (`poll` cannot tell whether it
     /// waited).
     answers_wait: AtomicBool,
+    /// The connection's shared-memory segments: answers in them are read here.
+    pub(crate) segments: Segments,
     /// Set when the reactor's watch could not be resumed after it was paused: the reactor
     /// would not hear from the socket again, so the connection is given up.
     watch_lost: AtomicBool,
@@ -117,6 +120,7 @@ impl SharedReader {
             handed_on: AtomicU64::new(0),
             answers_wait: AtomicBool::new(false),
             watch_lost: AtomicBool::new(false),
+            segments: Segments::default(),
             events,
         }
     }
@@ -144,7 +148,7 @@ impl SharedReader {
             ));
         }
         loop {
-            match state.decoder.next_message::<ToParent>() {
+            match self.next_message(&mut state) {
                 Ok(Some(message)) => {
                     if self.send(message).is_err() {
                         return Drained::Ended(End::Eof);
@@ -152,7 +156,7 @@ impl SharedReader {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => return Drained::Ended(End::Failed(e.to_string())),
+                Err(e) => return Drained::Ended(End::Failed(e)),
             }
             if let Some(end) = state.ended.take() {
                 return Drained::Ended(end);
@@ -257,7 +261,7 @@ impl SharedReader {
     /// for the I/O thread, as for [`Self::hand_on_rest`].
     fn hand_on_decoded(&self, state: &mut ReadState) -> bool {
         loop {
-            match state.decoder.next_message::<ToParent>() {
+            match self.next_message(state) {
                 Ok(Some(message)) => {
                     if self.send(message).is_err() {
                         return true;
@@ -265,7 +269,7 @@ impl SharedReader {
                 }
                 Ok(None) => return state.ended.is_some() || state.decoder.has_partial(),
                 Err(e) => {
-                    state.ended = Some(End::Failed(e.to_string()));
+                    state.ended = Some(End::Failed(e));
                     return true;
                 }
             }
@@ -283,7 +287,7 @@ impl SharedReader {
         let mut poll_first = hint;
         let mut waited = false;
         loop {
-            match state.decoder.next_message::<ToParent>() {
+            match self.next_message(state) {
                 Ok(Some(ToParent::Done {
                     id: answered,
                     output,
@@ -307,7 +311,7 @@ impl SharedReader {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    state.ended = Some(End::Failed(e.to_string()));
+                    state.ended = Some(End::Failed(e));
                     return Found::Nothing;
                 }
             }
@@ -335,6 +339,16 @@ impl SharedReader {
                     return Found::Nothing;
                 }
             }
+        }
+    }
+
+    /// The next whole frame the decoder holds, as the scheduler takes it (an answer in a
+    /// shared-memory segment becomes a plain one: see `segments`).
+    fn next_message(&self, state: &mut ReadState) -> Result<Option<ToParent>, String> {
+        match state.decoder.next_message::<ToParent>() {
+            Ok(Some(message)) => self.segments.answered(message).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -435,6 +435,14 @@ impl Scheduler {
                 );
                 return;
             }
+            // The connection's reader turns these into `Done` (see `segments`).
+            ToParent::DoneInSegment { .. } => {
+                tracing::warn!(
+                    worker.pid = pid,
+                    "an answer in shared memory from worker {pid} reached the scheduler; ignored"
+                );
+                return;
+            }
         };
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use offload_core::{Executor, SharedBuf, TaskError, TaskHandle};
+use offload_ipc::segment::{MAX_SLOTS, SEGMENT_MIN};
 use offload_process::{ProcessPool, TaskOptions};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -55,6 +56,26 @@ task!(CrashOnceThenSum(String, SharedBuf) -> u64, |s| {
     s.1.iter().map(|&b| u64::from(b)).sum()
 });
 
+task!(Resize(Vec<u8>, usize) -> Vec<u8>, |s| {
+    let mut bytes = s.0;
+    bytes.resize(s.1, 7);
+    bytes
+});
+task!(
+    EchoWithBuffer(Vec<u8>, SharedBuf) -> (Vec<u8>, SharedBuf),
+    |s| (s.0, s.1)
+);
+task!(CrashOnceThenEcho(String, Vec<u8>) -> Vec<u8>, |s| {
+    if !std::path::Path::new(&s.0).exists() {
+        std::fs::File::create(&s.0)
+            .unwrap()
+            .write_all(b"ran")
+            .unwrap();
+        std::process::abort();
+    }
+    s.1
+});
+
 fn wait<T>(mut handle: TaskHandle<T>) -> Result<T, TaskError> {
     handle
         .wait_timeout(LIMIT)
@@ -67,6 +88,21 @@ fn pattern(len: usize) -> SharedBuf {
         *b = (i % 251) as u8;
     }
     buf
+}
+
+fn pattern_vec(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// How many distinct shared-memory segments process `pid` has mapped.
+fn mapped_segments(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let inodes: std::collections::HashSet<&str> = maps
+        .lines()
+        .filter(|line| line.contains("offload-shared-buf"))
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .collect();
+    inodes.len()
 }
 
 /// Descriptors of `pid` beyond stdin, stdout and stderr.
@@ -201,6 +237,76 @@ fn a_retried_task_gets_its_buffer_again_after_a_crash() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+fn large_arguments_cross_in_reused_shared_memory_and_come_back_whole() {
+    let before = open_segments();
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    for len in [SEGMENT_MIN - 1, SEGMENT_MIN, 3 << 20, 8 << 20, 2 << 20] {
+        let input = pattern_vec(len);
+        assert_eq!(
+            wait(pool.submit(Echo(input.clone()))),
+            Ok(input),
+            "{len} bytes"
+        );
+    }
+    let worker = pool_workers()[0];
+    let mapped = mapped_segments(worker);
+    assert!(
+        (1..=MAX_SLOTS).contains(&mapped),
+        "the worker maps the pool's segments, a bounded number: {mapped}"
+    );
+    // An output too large for its segment comes back through the socket; a small one in it.
+    let grown = wait(pool.submit(Resize(pattern_vec(1 << 20), 20 << 20))).unwrap();
+    assert_eq!(grown.len(), 20 << 20);
+    assert_eq!(grown[..1 << 20], pattern_vec(1 << 20)[..]);
+    assert!(grown[1 << 20..].iter().all(|&b| b == 7));
+    let shrunk = wait(pool.submit(Resize(pattern_vec(3 << 20), 10))).unwrap();
+    assert_eq!(shrunk, pattern_vec(10));
+    // A burst of more large requests than there are slots: the rest take the socket.
+    let inputs: Vec<Vec<u8>> = (0..10u8)
+        .map(|i| {
+            let mut input = pattern_vec(4 << 20);
+            input[0] = i;
+            input
+        })
+        .collect();
+    let handles: Vec<_> = inputs
+        .iter()
+        .map(|i| pool.submit(Echo(i.clone())))
+        .collect();
+    for (handle, input) in handles.into_iter().zip(&inputs) {
+        assert!(wait(handle).unwrap() == *input, "request {}", input[0]);
+    }
+    assert!(mapped_segments(worker) <= MAX_SLOTS);
+    // A large argument still carries the shared buffers in it, beside its segment.
+    let (bytes, buf) =
+        wait(pool.submit(EchoWithBuffer(pattern_vec(2 << 20), pattern(1000)))).unwrap();
+    assert_eq!(
+        (bytes, &buf[..]),
+        (pattern_vec(2 << 20), &pattern(1000)[..])
+    );
+    drop(buf);
+    // Small tasks after large ones: encoded through the pool's spare buffer, and copied out.
+    assert_eq!(wait(pool.submit(Echo(vec![1, 2, 3]))), Ok(vec![1, 2, 3]));
+    assert_eq!(wait(pool.submit(Sum(pattern(10)))), Ok(45));
+    assert!(pool.join_timeout(LIMIT));
+    drop(pool);
+    assert_eq!(open_segments(), before, "the pool's segments close with it");
+}
+
+fn a_large_argument_is_run_again_after_its_worker_crashed() {
+    let marker = std::env::temp_dir().join(format!("offload-segment-crash-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let input = pattern_vec(4 << 20);
+    let task = CrashOnceThenEcho(marker.to_string_lossy().into_owned(), input.clone());
+    let back = wait(pool.submit_with(task, TaskOptions::new().retries(1)));
+    let _ = std::fs::remove_file(&marker);
+    assert!(back.unwrap() == input, "the retry got the whole argument");
+    let input = pattern_vec(5 << 20);
+    assert!(wait(pool.submit(Echo(input.clone()))).unwrap() == input);
+    assert!(pool.join_timeout(LIMIT));
+}
+
 /// Shared-memory segments this process holds open.
 fn open_segments() -> usize {
     open_fds(std::process::id())
@@ -315,6 +421,14 @@ fn main() {
         std::process::exit(101);
     });
     let tests: &[(&str, fn())] = &[
+        (
+            "large_arguments_cross_in_reused_shared_memory_and_come_back_whole",
+            large_arguments_cross_in_reused_shared_memory_and_come_back_whole,
+        ),
+        (
+            "a_large_argument_is_run_again_after_its_worker_crashed",
+            a_large_argument_is_run_again_after_its_worker_crashed,
+        ),
         (
             "the_buffer_skips_the_socket_and_comes_back_changed_in_place",
             the_buffer_skips_the_socket_and_comes_back_changed_in_place,

@@ -17,6 +17,7 @@ use offload_core::CancelFlag;
 use super::reader::Reader;
 use super::{exit_code, lock, run_request, Outbox, WorkerExit};
 use crate::protocol::{Blob, ToWorker};
+use crate::segment::WorkerSlots;
 
 /// How often a running task's cancel checks read the connection, at most: a check costs a
 /// clock read, and one in this long a system call.
@@ -29,6 +30,14 @@ pub(super) enum Request {
         task: String,
         input: Blob,
     },
+    /// A task whose input is in a slot's segment (see [`crate::segment`]).
+    InSegment {
+        id: u64,
+        task: String,
+        slot: u32,
+        len: u64,
+        fds: Blob,
+    },
     Batch {
         id: u64,
         task: String,
@@ -38,9 +47,11 @@ pub(super) enum Request {
 }
 
 impl Request {
-    fn id(&self) -> u64 {
+    pub(super) fn id(&self) -> u64 {
         match self {
-            Request::One { id, .. } | Request::Batch { id, .. } => *id,
+            Request::One { id, .. } | Request::InSegment { id, .. } | Request::Batch { id, .. } => {
+                *id
+            }
         }
     }
 }
@@ -71,6 +82,8 @@ struct InboxState {
     exiting: bool,
     /// When a cancel check last read the connection.
     last_poll: Instant,
+    /// The connection's shared-memory segments.
+    slots: WorkerSlots,
 }
 
 /// The worker's inbox, for the cancel hook (a plain `fn`, see [`poll_for_cancels`]).
@@ -92,6 +105,7 @@ impl Inbox {
                 running: None,
                 exiting: false,
                 last_poll: Instant::now(),
+                slots: WorkerSlots::default(),
             }),
             opened: Condvar::new(),
             outbox,
@@ -122,8 +136,22 @@ impl Inbox {
                     flag.raise();
                 }
                 state.running = Some((request.id(), flag.clone()));
+                let slot = match request {
+                    Request::InSegment { slot, .. } => Some(slot),
+                    _ => None,
+                };
+                let mut segment = slot.map(|slot| state.slots.take(slot));
                 drop(state);
-                let reply = run_request(request, &flag, poll_for_cancels);
+                let reply = run_request(
+                    request,
+                    segment.as_mut().map(|s| s.as_mut().map_err(|e| e.as_str())),
+                    &flag,
+                    poll_for_cancels,
+                );
+                if let (Some(slot), Some(Ok(segment))) = (slot, segment) {
+                    // Back before the answer: the parent may lend the slot again at once.
+                    lock(&self.state).slots.put_back(slot, segment);
+                }
                 // Answered as soon as it is done: the worker cannot know how long the next
                 // task runs, and a quick result must not wait behind a slow task (tiny tasks
                 // share writes through `map`'s batches instead).
@@ -179,6 +207,26 @@ impl InboxState {
     fn apply(&mut self, message: ToWorker) {
         let request = match message {
             ToWorker::Run { id, task, input } => Request::One { id, task, input },
+            ToWorker::RunInSegment {
+                id,
+                task,
+                slot,
+                segment,
+                len,
+                fds,
+            } => {
+                if let Some(segment) = segment {
+                    // A segment that could not be mapped fails its request, with the reason.
+                    self.slots.install(slot, segment.into_mapped());
+                }
+                Request::InSegment {
+                    id,
+                    task,
+                    slot,
+                    len,
+                    fds,
+                }
+            }
             ToWorker::RunBatch {
                 id,
                 task,
