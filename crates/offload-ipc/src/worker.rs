@@ -20,7 +20,7 @@ use offload_core::backend::{self, Fd, OutputBytes};
 use offload_core::{find_task, CancelFlag, SharedBuf, TaskEntry};
 
 use crate::fdpass;
-use crate::frame::{self, DEFAULT_MAX_FRAME};
+use crate::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
 use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
@@ -432,11 +432,27 @@ impl Outbox {
                 // Over the limit: the usual path below reports it.
             }
         }
+        // An output in its request's segment is not a frame, but the pool's limit holds
+        // for it all the same.
+        let message = match message {
+            ToParent::DoneInSegment { id, len, .. } if len > inner.max_frame as u64 => {
+                let e = FrameError::TooLarge {
+                    len: usize::try_from(len).unwrap_or(usize::MAX),
+                    max: inner.max_frame,
+                };
+                ToParent::Done {
+                    id,
+                    output: Err(WireError::Serialization(e.to_string())),
+                }
+            }
+            other => other,
+        };
         if let Err(e) =
             frame::encode_with_fds(&message, &mut inner.buf, &mut inner.fds, inner.max_frame)
         {
             let failed = match message {
-                ToParent::Done { id, .. } => ToParent::Done {
+                // Too many descriptors, say: the request fails, never its answer.
+                ToParent::Done { id, .. } | ToParent::DoneInSegment { id, .. } => ToParent::Done {
                     id,
                     output: Err(WireError::Serialization(e.to_string())),
                 },

@@ -298,17 +298,24 @@ impl ProcessPool {
             },
         };
         let bytes = bytes.map_err(|e| TaskError::serialization(T::NAME, e))?;
-        check_fds(T::NAME, fds.len(), "")?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
-        if bytes.len() > limit {
-            return Err(TaskError::serialization(
+        let refused = check_fds(T::NAME, fds.len(), "").and_then(|()| {
+            if bytes.len() <= limit {
+                return Ok(());
+            }
+            Err(TaskError::serialization(
                 T::NAME,
                 format!(
                     "the task is {} bytes, over the pool's max_frame_size of {} bytes",
                     bytes.len(),
                     self.inner.max_frame
                 ),
-            ));
+            ))
+        });
+        if let Err(e) = refused {
+            // A large buffer serves the next task instead.
+            self.inner.recycler.put(bytes);
+            return Err(e);
         }
         Ok((bytes, fds))
     }

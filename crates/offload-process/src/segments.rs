@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use offload_core::SharedBuf;
-use offload_ipc::protocol::{Blob, ToParent, ToWorker};
+use offload_ipc::frame::MAX_FDS_PER_MESSAGE;
+use offload_ipc::protocol::{Blob, ToParent, ToWorker, WireError};
 use offload_ipc::segment::{Segment, MAX_SLOTS, SEGMENT_MIN};
 
 /// The most segment memory a connection keeps. Beyond it, large inputs go through the socket.
@@ -30,7 +31,15 @@ pub(crate) struct Segments {
 struct Inner {
     slots: Vec<Option<Arc<SharedBuf>>>,
     /// The request each slot is lent to, by slot.
-    lent: [Option<u64>; MAX_SLOTS],
+    lent: [Option<Lent>; MAX_SLOTS],
+}
+
+#[derive(Clone, Copy)]
+struct Lent {
+    /// The request.
+    id: u64,
+    /// It brought the slot's segment to the worker.
+    sent_segment: bool,
 }
 
 impl Segments {
@@ -40,14 +49,19 @@ impl Segments {
         let ToWorker::Run { id, task, input } = message else {
             return message;
         };
-        if input.len() < SEGMENT_MIN {
+        // A request with the most descriptors a message may carry has no room for a
+        // segment's.
+        if input.len() < SEGMENT_MIN || input.fds().len() >= MAX_FDS_PER_MESSAGE {
             return ToWorker::Run { id, task, input };
         }
         let mut inner = self.lock();
         let Some((slot, segment)) = inner.fill(input.as_bytes()) else {
             return ToWorker::Run { id, task, input };
         };
-        inner.lent[slot] = Some(id);
+        inner.lent[slot] = Some(Lent {
+            id,
+            sent_segment: segment.is_some(),
+        });
         self.placed.fetch_add(1, Ordering::AcqRel);
         ToWorker::RunInSegment {
             id,
@@ -77,10 +91,27 @@ impl Segments {
             return Ok(message);
         }
         let mut inner = self.lock();
-        let slot = inner.lent.iter().position(|lent| *lent == Some(id));
+        let slot = inner
+            .lent
+            .iter()
+            .position(|lent| lent.is_some_and(|l| l.id == id));
         if let Some(slot) = slot {
-            inner.lent[slot] = None;
+            let lent = inner.lent[slot].take();
             self.placed.fetch_sub(1, Ordering::AcqRel);
+            // The request that brought a segment failed to read its input: the worker may
+            // not have mapped it (it says why). It gets a new one with the slot's next use.
+            if let (
+                Some(lent),
+                ToParent::Done {
+                    output: Err(WireError::Serialization(_)),
+                    ..
+                },
+            ) = (lent, &message)
+            {
+                if lent.sent_segment {
+                    inner.slots[slot] = None;
+                }
+            }
         }
         let ToParent::DoneInSegment { fds, .. } = message else {
             return Ok(message);
@@ -167,7 +198,6 @@ fn capacity_for(len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use offload_core::backend;
-    use offload_ipc::protocol::WireError;
 
     use super::*;
 
@@ -285,6 +315,46 @@ mod tests {
         };
         let err = segments.answered(too_long).unwrap_err();
         assert!(err.contains("bytes in a segment of"), "{err}");
+    }
+
+    #[test]
+    fn a_segment_the_worker_could_not_map_is_sent_anew_and_a_task_failure_keeps_it() {
+        let segments = Segments::default();
+        let (slot, sent) = place(&segments, 1, SEGMENT_MIN);
+        assert!(sent.is_some());
+        let unmapped = ToParent::Done {
+            id: 1,
+            output: Err(WireError::Serialization(
+                "the task's input did not reach the worker: cannot map".into(),
+            )),
+        };
+        segments.answered(unmapped).unwrap();
+        let (again, sent) = place(&segments, 2, SEGMENT_MIN);
+        assert_eq!(again, slot);
+        assert!(sent.is_some(), "the worker may not have it: sent again");
+        // A task that panics read its input: the worker has the segment.
+        let panicked = ToParent::Done {
+            id: 2,
+            output: Err(WireError::Panicked("boom".into())),
+        };
+        segments.answered(panicked).unwrap();
+        let (_, sent) = place(&segments, 3, SEGMENT_MIN);
+        assert!(sent.is_none());
+    }
+
+    #[test]
+    fn an_input_with_the_most_descriptors_a_message_may_carry_stays_on_the_socket() {
+        let segments = Segments::default();
+        let fd = backend::segment_of(&SharedBuf::new(1).unwrap())
+            .unwrap()
+            .clone();
+        let input = Blob::new(vec![0; SEGMENT_MIN]).with_fds(vec![fd; MAX_FDS_PER_MESSAGE]);
+        let message = ToWorker::Run {
+            id: 1,
+            task: "t".into(),
+            input,
+        };
+        assert!(matches!(segments.place(message), ToWorker::Run { .. }));
     }
 
     #[test]

@@ -76,6 +76,14 @@ task!(CrashOnceThenEcho(String, Vec<u8>) -> Vec<u8>, |s| {
     s.1
 });
 
+task!(ManyBuffersFrom(Vec<u8>, usize) -> Vec<SharedBuf>, |s| {
+    (0..s.1).map(|_| SharedBuf::new(16).unwrap()).collect()
+});
+task!(Count(Vec<u8>, Vec<SharedBuf>) -> (usize, usize), |s| (
+    s.0.len(),
+    s.1.len()
+));
+
 fn wait<T>(mut handle: TaskHandle<T>) -> Result<T, TaskError> {
     handle
         .wait_timeout(LIMIT)
@@ -293,6 +301,33 @@ fn large_arguments_cross_in_reused_shared_memory_and_come_back_whole() {
     assert_eq!(open_segments(), before, "the pool's segments close with it");
 }
 
+fn the_limits_of_a_message_hold_for_large_arguments_too() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .max_frame_size(5 << 19)
+        .build()
+        .unwrap();
+    // As many descriptors as a message may carry, beside a large argument: no room for a
+    // segment's, so it takes the socket.
+    let bufs: Vec<SharedBuf> = (0..1024).map(|_| SharedBuf::new(16).unwrap()).collect();
+    let counted = wait(pool.submit(Count(pattern_vec(2 << 20), bufs)));
+    assert_eq!(counted, Ok((2 << 20, 1024)));
+    // An answer in a segment with more descriptors than a message may carry fails its task.
+    let err = wait(pool.submit(ManyBuffersFrom(pattern_vec(2 << 20), 1025))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("at most 1024"), "{err}");
+    // An output that fits its segment (3 MiB) but not the pool's max_frame_size (2.5 MiB).
+    let err = wait(pool.submit(Resize(pattern_vec(2 << 20), 11 << 18))).unwrap_err();
+    assert!(matches!(err, TaskError::Serialization { .. }), "{err}");
+    assert!(err.to_string().contains("max_frame_size"), "{err}");
+    let input = pattern_vec(2 << 20);
+    assert!(
+        wait(pool.submit(Echo(input.clone()))).unwrap() == input,
+        "the worker serves on"
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn a_large_argument_is_run_again_after_its_worker_crashed() {
     let marker = std::env::temp_dir().join(format!("offload-segment-crash-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
@@ -424,6 +459,10 @@ fn main() {
         (
             "large_arguments_cross_in_reused_shared_memory_and_come_back_whole",
             large_arguments_cross_in_reused_shared_memory_and_come_back_whole,
+        ),
+        (
+            "the_limits_of_a_message_hold_for_large_arguments_too",
+            the_limits_of_a_message_hold_for_large_arguments_too,
         ),
         (
             "a_large_argument_is_run_again_after_its_worker_crashed",
