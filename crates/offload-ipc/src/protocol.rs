@@ -375,6 +375,9 @@ pub enum ToWorker {
         /// The tasks, postcard-encoded back to back (see [`offload_core::backend::pack`]).
         inputs: Blob,
     },
+    /// The parent let go of this connection's shared-memory segments (they sat unused):
+    /// unmap them. Sent only while no request is outstanding.
+    DropSegments,
     /// The caller cancelled request `id`: skip it if queued, raise its flag if running.
     Cancel {
         /// Request id.

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 /// Buffers at least this large are kept.
 pub const RECYCLE_MIN: usize = 1 << 20;
@@ -18,10 +19,17 @@ const KEEP: usize = 2;
 /// The most memory kept in buffers.
 const KEEP_BYTES: usize = 64 << 20;
 
+#[derive(Default)]
+struct Spare {
+    buffers: Vec<Vec<u8>>,
+    /// When a buffer was last taken.
+    last_taken: Option<Instant>,
+}
+
 /// A pool's spare encode buffers.
 #[derive(Default)]
 pub struct Recycler {
-    spare: Mutex<Vec<Vec<u8>>>,
+    spare: Mutex<Spare>,
     /// True while `spare` holds a buffer: small tasks do not take the lock to find out.
     any: AtomicBool,
 }
@@ -33,8 +41,9 @@ impl Recycler {
             return None;
         }
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut buf = spare.pop()?;
-        self.any.store(!spare.is_empty(), Ordering::Release);
+        let mut buf = spare.buffers.pop()?;
+        spare.last_taken = Some(Instant::now());
+        self.any.store(!spare.buffers.is_empty(), Ordering::Release);
         buf.clear();
         Some(buf)
     }
@@ -45,10 +54,26 @@ impl Recycler {
             return;
         }
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        let kept: usize = spare.iter().map(Vec::capacity).sum();
-        if spare.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
-            spare.push(buf);
+        let kept: usize = spare.buffers.iter().map(Vec::capacity).sum();
+        if spare.buffers.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
+            spare.buffers.push(buf);
             self.any.store(true, Ordering::Release);
+        }
+    }
+
+    /// True while a buffer is kept.
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
+    /// Drops the kept buffers if none was taken for `idle`.
+    pub fn trim_idle(&self, idle: Duration) {
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.last_taken.is_none_or(|t| t.elapsed() >= idle) {
+            let buffers = std::mem::take(&mut spare.buffers);
+            self.any.store(false, Ordering::Release);
+            drop(spare);
+            drop(buffers);
         }
     }
 }
@@ -97,6 +122,19 @@ mod tests {
             taken.push(buf);
         }
         assert_eq!(taken.len(), KEEP);
+    }
+
+    #[test]
+    fn unused_buffers_are_dropped() {
+        let recycler = Recycler::default();
+        recycler.put(vec![0; RECYCLE_MIN]);
+        assert!(recycler.any());
+        let buf = recycler.take().unwrap();
+        recycler.put(buf);
+        recycler.trim_idle(Duration::from_secs(60));
+        assert!(recycler.any(), "taken just now");
+        recycler.trim_idle(Duration::ZERO);
+        assert!(!recycler.any() && recycler.take().is_none());
     }
 
     #[test]

@@ -230,7 +230,9 @@ impl ProcessPoolBuilder {
             initializer,
             memory_limit: self.memory_limit,
             spin: self.spin,
+            recycler: Arc::default(),
         };
+        let recycler = settings.recycler.clone();
         let direct_reads = crate::lane::DirectReads {
             enabled: self.max_tasks_per_worker.is_none(),
             notify: max_workers > workers,
@@ -248,11 +250,10 @@ impl ProcessPoolBuilder {
         Ok(ProcessPool::new_started(
             commands,
             thread,
-            max_workers,
-            self.max_frame,
-            self.defaults,
+            (max_workers, self.max_frame, self.defaults),
             stats,
             lanes,
+            recycler,
         ))
     }
 }

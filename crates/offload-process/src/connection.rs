@@ -79,6 +79,9 @@ pub(crate) enum Event {
     },
     /// Time to stop workers that have been idle for the idle timeout.
     IdleCheck,
+    /// Time to drop shared-memory segments and spare buffers that sat unused (see
+    /// `segments`).
+    TrimUnused,
     /// A worker exited some time ago: settle it even if its connection is still open.
     Settle {
         pid: u32,

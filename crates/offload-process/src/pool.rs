@@ -83,11 +83,10 @@ impl ProcessPool {
     pub(crate) fn new_started(
         commands: Commands,
         reactor: JoinHandle<()>,
-        workers: usize,
-        max_frame: usize,
-        defaults: TaskOptions,
+        (workers, max_frame, defaults): (usize, usize, TaskOptions),
         stats: Arc<Mutex<Published>>,
         lanes: Arc<Lanes>,
+        recycler: Arc<Recycler>,
     ) -> Self {
         ProcessPool {
             inner: Arc::new(PoolInner {
@@ -99,7 +98,7 @@ impl ProcessPool {
                 defaults,
                 stats,
                 lanes,
-                recycler: Arc::default(),
+                recycler,
                 reactor: Mutex::new(Some(reactor)),
             }),
         }

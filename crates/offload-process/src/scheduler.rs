@@ -22,12 +22,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
+use offload_ipc::recycle::Recycler;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::connection::Event;
 use crate::forward;
 use crate::job::{Failure, Initializer, Job, Outcome, RequestId};
 use crate::lane::{Direct, Lane, Lanes};
+use crate::segments;
 use crate::spawner::{self, Killer};
 use crate::stats::Published;
 use crate::PoolStats;
@@ -80,6 +82,8 @@ pub(crate) struct Settings {
     pub(crate) memory_limit: Option<u64>,
     /// Low-latency mode: how long idle workers poll their sockets before they block.
     pub(crate) spin: Duration,
+    /// The pool's spare encode buffers, which the pool's handles keep and this trims.
+    pub(crate) recycler: Arc<Recycler>,
 }
 
 /// Why the scheduler killed a worker on purpose.
@@ -160,6 +164,8 @@ pub(crate) struct Scheduler {
     /// The workers' lanes, as the pool's handles see them.
     lanes: Arc<Lanes>,
     pub(crate) startup: Startup,
+    /// A `TrimUnused` event is on its way.
+    trim_pending: bool,
 }
 
 impl Scheduler {
@@ -186,6 +192,7 @@ impl Scheduler {
             settled: Vec::new(),
             lanes,
             startup: Startup::Starting,
+            trim_pending: false,
         }
     }
 
@@ -303,11 +310,7 @@ impl Scheduler {
 
     /// Delivers `event` to the scheduler after `delay`.
     fn after(&self, delay: Duration, event: Event) {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = events.send(event);
-        });
+        send_after(&self.events, delay, event);
     }
 
     pub(crate) fn on_event(&mut self, event: Event) {
@@ -371,6 +374,36 @@ impl Scheduler {
             }
             Event::CancelGrace { pid, id } => self.kill_if_running(pid, id, Kill::Cancelled),
             Event::IdleCheck => self.shrink_idle(),
+            Event::TrimUnused => self.trim_unused(),
+        }
+    }
+
+    /// Drops the spare encode buffers and the segments of idle workers that went unused for
+    /// `segments::IDLE`, telling each worker to unmap its own; looks again later while
+    /// something is kept.
+    fn trim_unused(&mut self) {
+        self.trim_pending = false;
+        self.settings.recycler.trim_idle(segments::IDLE);
+        let mut trimmed = Vec::new();
+        let mut kept = Vec::new();
+        for (&pid, worker) in &self.workers {
+            let Some(lane) = &worker.lane else {
+                continue;
+            };
+            // Nothing outstanding: no request in the connection's writer may use a segment.
+            let idle = worker.sent.is_empty() && worker.init.is_none() && !worker.retiring;
+            if idle && lane.reader.segments.trim_idle(segments::IDLE) {
+                trimmed.push(pid);
+            } else if lane.reader.segments.kept() {
+                kept.push(pid);
+            }
+        }
+        for pid in trimmed {
+            self.send_to(pid, ToWorker::DropSegments);
+        }
+        if !kept.is_empty() || self.settings.recycler.any() {
+            self.trim_pending = true;
+            self.after(segments::IDLE, Event::TrimUnused);
         }
     }
 
@@ -447,6 +480,16 @@ impl Scheduler {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
+        if !self.trim_pending {
+            let keeps_segments = worker
+                .lane
+                .as_ref()
+                .is_some_and(|lane| lane.reader.segments.kept());
+            if keeps_segments || self.settings.recycler.any() {
+                self.trim_pending = true;
+                send_after(&self.events, segments::IDLE, Event::TrimUnused);
+            }
+        }
         if worker.init == Some(id) {
             self.on_init_done(pid, outcome);
             return;
@@ -1048,6 +1091,15 @@ fn human_bytes(bytes: u64) -> String {
         b if b >= 1 << 10 => format!("{} KiB", b >> 10),
         b => format!("{b} bytes"),
     }
+}
+
+/// Sends `event` to the scheduler after `delay`.
+fn send_after(events: &UnboundedSender<Event>, delay: Duration, event: Event) {
+    let events = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = events.send(event);
+    });
 }
 
 #[cfg(test)]

@@ -5,10 +5,12 @@
 //! reader turns the worker's answer into the output, read in place
 //! ([`answered`](Segments::answered)). A slot is free again once its request is answered and
 //! no clone of that output is left (the scheduler and the caller drop theirs after decoding
-//! it).
+//! it). Segments that sat unused for [`IDLE`] are dropped, on both sides (see
+//! [`trim_idle`](Segments::trim_idle)).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use offload_core::SharedBuf;
 use offload_ipc::frame::MAX_FDS_PER_MESSAGE;
@@ -18,6 +20,10 @@ use offload_ipc::segment::{Segment, MAX_SLOTS, SEGMENT_MIN};
 /// The most segment memory a connection keeps. Beyond it, large inputs go through the socket.
 pub(crate) const MAX_BYTES: usize = 64 << 20;
 
+/// Segments unused for this long are dropped: an idle pool does not hold on to memory it
+/// needed once. (Making them again costs about half a millisecond per MiB.)
+pub(crate) const IDLE: Duration = Duration::from_secs(2);
+
 /// A connection's segments.
 #[derive(Default)]
 pub(crate) struct Segments {
@@ -25,11 +31,15 @@ pub(crate) struct Segments {
     /// Requests placed in a slot and not answered yet: while there are none, an answer is
     /// passed on without a look at the slots.
     placed: AtomicUsize,
+    /// True while the connection keeps a segment.
+    kept: AtomicBool,
 }
 
 #[derive(Default)]
 struct Inner {
     slots: Vec<Option<Arc<SharedBuf>>>,
+    /// When a request was last placed.
+    last_placed: Option<Instant>,
     /// The request each slot is lent to, by slot.
     lent: [Option<Lent>; MAX_SLOTS],
 }
@@ -58,6 +68,8 @@ impl Segments {
         let Some((slot, segment)) = inner.fill(input.as_bytes()) else {
             return ToWorker::Run { id, task, input };
         };
+        inner.last_placed = Some(Instant::now());
+        self.kept.store(true, Ordering::Release);
         inner.lent[slot] = Some(Lent {
             id,
             sent_segment: segment.is_some(),
@@ -135,6 +147,31 @@ impl Segments {
             id,
             output: Ok(Blob::in_segment(segment, len).with_fds(fds.fds().to_vec())),
         })
+    }
+
+    /// True while the connection keeps a segment.
+    pub(crate) fn kept(&self) -> bool {
+        self.kept.load(Ordering::Acquire)
+    }
+
+    /// Drops every segment, if none was placed for `idle` and none is lent or its output
+    /// still read. True when it dropped some: the worker must then be told
+    /// ([`ToWorker::DropSegments`]) before anything else is placed.
+    pub(crate) fn trim_idle(&self, idle: Duration) -> bool {
+        let mut inner = self.lock();
+        let unused = inner.last_placed.is_none_or(|t| t.elapsed() >= idle)
+            && inner.lent.iter().all(Option::is_none)
+            && inner
+                .slots
+                .iter()
+                .flatten()
+                .all(|segment| Arc::strong_count(segment) == 1);
+        if !unused || inner.slots.iter().all(Option::is_none) {
+            return false;
+        }
+        inner.slots.clear();
+        self.kept.store(false, Ordering::Release);
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -355,6 +392,29 @@ mod tests {
             input,
         };
         assert!(matches!(segments.place(message), ToWorker::Run { .. }));
+    }
+
+    #[test]
+    fn unused_segments_are_dropped_but_never_while_lent_or_read() {
+        let segments = Segments::default();
+        assert!(!segments.kept() && !segments.trim_idle(Duration::ZERO));
+        place(&segments, 1, SEGMENT_MIN);
+        assert!(segments.kept());
+        assert!(!segments.trim_idle(Duration::ZERO), "lent to a request");
+        let output = answer_in_segment(&segments, 1, 8);
+        assert!(
+            !segments.trim_idle(Duration::ZERO),
+            "its output is still read"
+        );
+        drop(output);
+        assert!(
+            !segments.trim_idle(Duration::from_secs(60)),
+            "used just now"
+        );
+        assert!(segments.trim_idle(Duration::ZERO));
+        assert!(!segments.kept() && !segments.trim_idle(Duration::ZERO));
+        let (_, sent) = place(&segments, 2, SEGMENT_MIN);
+        assert!(sent.is_some(), "a new segment, sent to the worker");
     }
 
     #[test]

@@ -328,6 +328,30 @@ fn the_limits_of_a_message_hold_for_large_arguments_too() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+fn an_idle_pool_lets_go_of_its_segments() {
+    let before = open_segments();
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let input = pattern_vec(3 << 20);
+    assert!(wait(pool.submit(Echo(input.clone()))).unwrap() == input);
+    let worker = pool_workers()[0];
+    assert_eq!(mapped_segments(worker), 1);
+    assert_eq!(open_segments(), before + 1, "the parent keeps it too");
+    // Unused for two seconds: dropped on both sides.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (mapped_segments(worker) > 0 || open_segments() > before)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(mapped_segments(worker), 0, "the worker unmapped it");
+    assert_eq!(open_segments(), before, "the parent closed it");
+    // The next large argument gets a new one.
+    assert!(wait(pool.submit(Echo(input.clone()))).unwrap() == input);
+    assert_eq!(mapped_segments(worker), 1);
+    assert_eq!(wait(pool.submit(Sum(pattern(10)))), Ok(45));
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn a_large_argument_is_run_again_after_its_worker_crashed() {
     let marker = std::env::temp_dir().join(format!("offload-segment-crash-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
@@ -463,6 +487,10 @@ fn main() {
         (
             "the_limits_of_a_message_hold_for_large_arguments_too",
             the_limits_of_a_message_hold_for_large_arguments_too,
+        ),
+        (
+            "an_idle_pool_lets_go_of_its_segments",
+            an_idle_pool_lets_go_of_its_segments,
         ),
         (
             "a_large_argument_is_run_again_after_its_worker_crashed",

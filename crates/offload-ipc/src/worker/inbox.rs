@@ -253,6 +253,10 @@ impl InboxState {
                 self.exiting = true;
                 return;
             }
+            ToWorker::DropSegments => {
+                self.slots = WorkerSlots::default();
+                return;
+            }
             other @ (ToWorker::Welcome { .. } | ToWorker::Refused { .. }) => {
                 eprintln!(
                     "offload worker {}: unexpected {other:?} after the handshake",
