@@ -17,7 +17,7 @@ pub const RECYCLE_MIN: usize = 1 << 20;
 const KEEP: usize = 2;
 
 /// The most memory kept in buffers.
-const KEEP_BYTES: usize = 64 << 20;
+const KEEP_BYTES: usize = 256 << 20;
 
 #[derive(Default)]
 struct Spare {

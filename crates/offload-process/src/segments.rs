@@ -17,17 +17,19 @@ use offload_ipc::frame::MAX_FDS_PER_MESSAGE;
 use offload_ipc::protocol::{Blob, ToParent, ToWorker, WireError};
 use offload_ipc::segment::{Segment, MAX_SLOTS, SEGMENT_MIN};
 
-/// The most segment memory a connection keeps. Beyond it, large inputs go through the socket.
-pub(crate) const MAX_BYTES: usize = 64 << 20;
+/// The most segment memory a connection keeps (the default largest frame fits). Beyond it,
+/// large inputs go through the socket.
+pub(crate) const MAX_BYTES: usize = 288 << 20;
 
 /// Segments unused for this long are dropped: an idle pool does not hold on to memory it
 /// needed once. (Making them again costs about half a millisecond per MiB.)
 pub(crate) const IDLE: Duration = Duration::from_secs(2);
 
 /// A connection's segments.
-#[derive(Default)]
 pub(crate) struct Segments {
     inner: Mutex<Inner>,
+    /// The most memory its segments may hold.
+    max_bytes: usize,
     /// Requests placed in a slot and not answered yet: while there are none, an answer is
     /// passed on without a look at the slots.
     placed: AtomicUsize,
@@ -52,9 +54,24 @@ struct Lent {
     sent_segment: bool,
 }
 
+impl Default for Segments {
+    fn default() -> Self {
+        Segments::with_max_bytes(MAX_BYTES)
+    }
+}
+
 impl Segments {
+    fn with_max_bytes(max_bytes: usize) -> Self {
+        Segments {
+            inner: Mutex::default(),
+            max_bytes,
+            placed: AtomicUsize::new(0),
+            kept: AtomicBool::new(false),
+        }
+    }
+
     /// `message`, with its input moved into a slot's segment when it is large and a slot is
-    /// free (or can be made within [`MAX_BYTES`]); otherwise `message` itself, for the socket.
+    /// free (or can be made within the bound); otherwise `message` itself, for the socket.
     pub(crate) fn place(&self, message: ToWorker) -> ToWorker {
         let ToWorker::Run { id, task, input } = message else {
             return message;
@@ -65,7 +82,7 @@ impl Segments {
             return ToWorker::Run { id, task, input };
         }
         let mut inner = self.lock();
-        let Some((slot, segment)) = inner.fill(input.as_bytes()) else {
+        let Some((slot, segment)) = inner.fill(input.as_bytes(), self.max_bytes) else {
             return ToWorker::Run { id, task, input };
         };
         inner.last_placed = Some(Instant::now());
@@ -184,8 +201,8 @@ impl Inner {
     /// Copies `bytes` into a free slot's segment: the smallest one that holds them, or a new
     /// one (in a free slot, or in place of a free segment too small). Returns the slot, and its
     /// segment when it is new (the worker must be sent it). `None` when every slot is lent or
-    /// its output still read, or when a new segment would pass [`MAX_BYTES`] or cannot be made.
-    fn fill(&mut self, bytes: &[u8]) -> Option<(usize, Option<Segment>)> {
+    /// its output still read, or when a new segment would pass `max_bytes` or cannot be made.
+    fn fill(&mut self, bytes: &[u8], max_bytes: usize) -> Option<(usize, Option<Segment>)> {
         // A slot is free when its request was answered and nothing reads its output: this
         // lock guards every other holder of the segment, so nobody can clone it meanwhile.
         let free = |slot: usize| {
@@ -212,7 +229,7 @@ impl Inner {
             .map(size)
             .sum();
         let new_size = capacity_for(bytes.len());
-        if kept + new_size > MAX_BYTES {
+        if kept + new_size > max_bytes {
             return None;
         }
         let mut segment = SharedBuf::new(new_size).ok()?;
@@ -427,8 +444,8 @@ mod tests {
             matches!(segments.place(run(99, SEGMENT_MIN)), ToWorker::Run { .. }),
             "every slot is lent"
         );
-        let segments = Segments::default();
-        let large = MAX_BYTES / 2;
+        let segments = Segments::with_max_bytes(16 << 20);
+        let large = 8 << 20;
         place(&segments, 1, large);
         assert!(
             matches!(segments.place(run(2, large)), ToWorker::Run { .. }),
