@@ -16,7 +16,7 @@ use crate::recycle::{Recycled, Recycler};
 use crate::segment::Segment;
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -375,9 +375,6 @@ pub enum ToWorker {
         /// The tasks, postcard-encoded back to back (see [`offload_core::backend::pack`]).
         inputs: Blob,
     },
-    /// The parent let go of this connection's shared-memory segments (they sat unused):
-    /// unmap them. Sent only while no request is outstanding.
-    DropSegments,
     /// The caller cancelled request `id`: skip it if queued, raise its flag if running.
     Cancel {
         /// Request id.
@@ -385,6 +382,9 @@ pub enum ToWorker {
     },
     /// Finish the queued work, then exit.
     Exit,
+    /// The parent let go of this connection's shared-memory segments (they sat unused):
+    /// unmap them. Sent only while no request is outstanding.
+    DropSegments,
 }
 
 /// Worker to parent.

@@ -4,10 +4,12 @@
 //! Fresh memory costs the kernel a page fault and a zeroed page per 4 KiB, and freeing it
 //! hands the pages back (the allocator trims its heap): for 8 MiB, several times what
 //! encoding it costs. So a pool keeps a few such buffers and encodes the next large task
-//! into one of them.
+//! into one of them, and lets them go once no large task used one for a while: the pool's
+//! timer looks ([`trim_idle`](Recycler::trim_idle)), and a buffer kept while nobody looks
+//! asks for a look ([`on_kept`](Recycler::on_kept)).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 /// Buffers at least this large are kept.
@@ -22,8 +24,9 @@ const KEEP_BYTES: usize = 256 << 20;
 #[derive(Default)]
 struct Spare {
     buffers: Vec<Vec<u8>>,
-    /// When a buffer was last taken.
-    last_taken: Option<Instant>,
+    /// When a large task last gave a buffer back. (A small task's encode borrows a spare
+    /// buffer too, and copies its bytes out: that is no use of the memory.)
+    last_used: Option<Instant>,
 }
 
 /// A pool's spare encode buffers.
@@ -32,6 +35,10 @@ pub struct Recycler {
     spare: Mutex<Spare>,
     /// True while `spare` holds a buffer: small tasks do not take the lock to find out.
     any: AtomicBool,
+    /// True while the pool's timer is set to look at the buffers.
+    watched: AtomicBool,
+    /// Asks the pool to look at the buffers in a while.
+    on_kept: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Recycler {
@@ -42,23 +49,56 @@ impl Recycler {
         }
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
         let mut buf = spare.buffers.pop()?;
-        spare.last_taken = Some(Instant::now());
         self.any.store(!spare.buffers.is_empty(), Ordering::Release);
         buf.clear();
         Some(buf)
     }
 
-    /// Keeps `buf` for a later task, if it is large and there is room.
+    /// Keeps `buf` for a later task, if it is large and there is room: a buffer a small
+    /// task borrowed, or one a refused task was encoded into.
     pub fn put(&self, buf: Vec<u8>) {
+        self.keep(buf, false);
+    }
+
+    /// Keeps `buf`, which a large task's request used, if there is room.
+    fn give_back(&self, buf: Vec<u8>) {
+        self.keep(buf, true);
+    }
+
+    fn keep(&self, buf: Vec<u8>, used: bool) {
         if buf.capacity() < RECYCLE_MIN {
             return;
         }
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        let kept: usize = spare.buffers.iter().map(Vec::capacity).sum();
-        if spare.buffers.len() < KEEP && kept + buf.capacity() <= KEEP_BYTES {
-            spare.buffers.push(buf);
-            self.any.store(true, Ordering::Release);
+        if used {
+            spare.last_used = Some(Instant::now());
         }
+        let kept: usize = spare.buffers.iter().map(Vec::capacity).sum();
+        if spare.buffers.len() >= KEEP || kept + buf.capacity() > KEEP_BYTES {
+            return;
+        }
+        spare.buffers.push(buf);
+        self.any.store(true, Ordering::Release);
+        drop(spare);
+        // Nobody looks at the buffers now (the pool's timer found none last time, or never
+        // ran): ask for a look. Set before asking: the pool clears it before it looks.
+        if !self.watched.swap(true, Ordering::AcqRel) {
+            match self.on_kept.get() {
+                Some(ask) => ask(),
+                None => self.watched.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Sets what asks the pool to look at the buffers in a while (once; later calls are
+    /// ignored).
+    pub fn on_kept(&self, ask: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_kept.set(Box::new(ask));
+    }
+
+    /// For the pool's timer: whether it is set to look at the buffers.
+    pub fn set_watched(&self, watched: bool) {
+        self.watched.store(watched, Ordering::Release);
     }
 
     /// True while a buffer is kept.
@@ -66,10 +106,10 @@ impl Recycler {
         self.any.load(Ordering::Acquire)
     }
 
-    /// Drops the kept buffers if none was taken for `idle`.
+    /// Drops the kept buffers if no large task used one for `idle`.
     pub fn trim_idle(&self, idle: Duration) {
         let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.last_taken.is_none_or(|t| t.elapsed() >= idle) {
+        if spare.last_used.is_none_or(|t| t.elapsed() >= idle) {
             let buffers = std::mem::take(&mut spare.buffers);
             self.any.store(false, Ordering::Release);
             drop(spare);
@@ -97,7 +137,7 @@ impl Recycled {
 impl Drop for Recycled {
     fn drop(&mut self) {
         if let Some(home) = self.home.upgrade() {
-            home.put(std::mem::take(&mut self.bytes));
+            home.give_back(std::mem::take(&mut self.bytes));
         }
     }
 }
@@ -125,16 +165,41 @@ mod tests {
     }
 
     #[test]
-    fn unused_buffers_are_dropped() {
-        let recycler = Recycler::default();
-        recycler.put(vec![0; RECYCLE_MIN]);
+    fn buffers_no_large_task_used_are_dropped_and_a_kept_one_asks_for_a_look() {
+        let recycler = Arc::new(Recycler::default());
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = asked.clone();
+        recycler.on_kept(move || {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        drop(crate::protocol::Blob::recycled(
+            vec![0; RECYCLE_MIN],
+            &recycler,
+        ));
         assert!(recycler.any());
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "kept while nobody looked");
+        // A small task borrows it: no use of the memory, and no new request for a look.
         let buf = recycler.take().unwrap();
         recycler.put(buf);
+        assert_eq!(
+            asked.load(Ordering::Relaxed),
+            1,
+            "a look is on its way already"
+        );
         recycler.trim_idle(Duration::from_secs(60));
-        assert!(recycler.any(), "taken just now");
+        assert!(recycler.any(), "a large task gave it back just now");
+        recycler.set_watched(false);
         recycler.trim_idle(Duration::ZERO);
         assert!(!recycler.any() && recycler.take().is_none());
+        // Kept again (a refused task's buffer): a look is asked for. Borrowed by a small
+        // task just now, it still goes once no large task used one for the period.
+        recycler.put(vec![0; RECYCLE_MIN]);
+        assert_eq!(asked.load(Ordering::Relaxed), 2);
+        std::thread::sleep(Duration::from_millis(5));
+        let buf = recycler.take().unwrap();
+        recycler.put(buf);
+        recycler.trim_idle(Duration::from_millis(2));
+        assert!(!recycler.any());
     }
 
     #[test]

@@ -247,6 +247,10 @@ impl ProcessPoolBuilder {
             lanes.clone(),
         )?;
         tracing::debug!(workers, "process pool started");
+        let watch = commands.clone();
+        recycler.on_kept(move || {
+            let _ = watch.send(crate::scheduler::Command::WatchSpares);
+        });
         Ok(ProcessPool::new_started(
             commands,
             thread,

@@ -58,6 +58,8 @@ pub(crate) enum Command {
     Submit(Job),
     /// A caller's direct write failed: look at the lanes (see `lane`).
     CheckLanes,
+    /// The pool kept a spare encode buffer while its timer was not set to look at them.
+    WatchSpares,
     Cancel(RequestId),
     Shutdown {
         now: bool,
@@ -286,6 +288,7 @@ impl Scheduler {
             Command::Cancel(id) => self.cancel(id),
             // `adopt_all` above did the work.
             Command::CheckLanes => {}
+            Command::WatchSpares => self.watch_kept_memory(),
             Command::Shutdown { now } => {
                 let now = now || self.shutdown == Some(true);
                 self.shutdown = Some(now);
@@ -383,6 +386,8 @@ impl Scheduler {
     /// something is kept.
     fn trim_unused(&mut self) {
         self.trim_pending = false;
+        // Cleared before the look: a buffer kept from now on asks for the next one.
+        self.settings.recycler.set_watched(false);
         self.settings.recycler.trim_idle(segments::IDLE);
         let mut trimmed = Vec::new();
         let mut kept = Vec::new();
@@ -402,7 +407,15 @@ impl Scheduler {
             self.send_to(pid, ToWorker::DropSegments);
         }
         if !kept.is_empty() || self.settings.recycler.any() {
+            self.watch_kept_memory();
+        }
+    }
+
+    /// Sets the timer that lets go of unused segments and spare buffers, unless it is set.
+    fn watch_kept_memory(&mut self) {
+        if !self.trim_pending {
             self.trim_pending = true;
+            self.settings.recycler.set_watched(true);
             self.after(segments::IDLE, Event::TrimUnused);
         }
     }
@@ -480,15 +493,16 @@ impl Scheduler {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
-        if !self.trim_pending {
-            let keeps_segments = worker
+        // Spare buffers ask for the timer themselves (`Command::WatchSpares`).
+        if !self.trim_pending
+            && worker
                 .lane
                 .as_ref()
-                .is_some_and(|lane| lane.reader.segments.kept());
-            if keeps_segments || self.settings.recycler.any() {
-                self.trim_pending = true;
-                send_after(&self.events, segments::IDLE, Event::TrimUnused);
-            }
+                .is_some_and(|lane| lane.reader.segments.kept())
+        {
+            self.trim_pending = true;
+            self.settings.recycler.set_watched(true);
+            send_after(&self.events, segments::IDLE, Event::TrimUnused);
         }
         if worker.init == Some(id) {
             self.on_init_done(pid, outcome);

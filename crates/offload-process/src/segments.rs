@@ -40,8 +40,8 @@ pub(crate) struct Segments {
 #[derive(Default)]
 struct Inner {
     slots: Vec<Option<Arc<SharedBuf>>>,
-    /// When a request was last placed.
-    last_placed: Option<Instant>,
+    /// When a request was last placed or answered.
+    last_used: Option<Instant>,
     /// The request each slot is lent to, by slot.
     lent: [Option<Lent>; MAX_SLOTS],
 }
@@ -85,7 +85,7 @@ impl Segments {
         let Some((slot, segment)) = inner.fill(input.as_bytes(), self.max_bytes) else {
             return ToWorker::Run { id, task, input };
         };
-        inner.last_placed = Some(Instant::now());
+        inner.last_used = Some(Instant::now());
         self.kept.store(true, Ordering::Release);
         inner.lent[slot] = Some(Lent {
             id,
@@ -125,6 +125,8 @@ impl Segments {
             .iter()
             .position(|lent| lent.is_some_and(|l| l.id == id));
         if let Some(slot) = slot {
+            // A task may run longer than the idle period: its answer counts as a use too.
+            inner.last_used = Some(Instant::now());
             let lent = inner.lent[slot].take();
             self.placed.fetch_sub(1, Ordering::AcqRel);
             // The request that brought a segment failed to read its input: the worker may
@@ -171,19 +173,22 @@ impl Segments {
         self.kept.load(Ordering::Acquire)
     }
 
-    /// Drops every segment, if none was placed for `idle` and none is lent or its output
-    /// still read. True when it dropped some: the worker must then be told
-    /// ([`ToWorker::DropSegments`]) before anything else is placed.
+    /// Drops every segment, if the connection keeps some (or sent one the worker may keep)
+    /// and none was used for `idle`, none is lent and no output is still read. True when it
+    /// did: the worker must then be told ([`ToWorker::DropSegments`]) before anything else is
+    /// placed.
     pub(crate) fn trim_idle(&self, idle: Duration) -> bool {
         let mut inner = self.lock();
-        let unused = inner.last_placed.is_none_or(|t| t.elapsed() >= idle)
+        let unused = inner.last_used.is_none_or(|t| t.elapsed() >= idle)
             && inner.lent.iter().all(Option::is_none)
             && inner
                 .slots
                 .iter()
                 .flatten()
                 .all(|segment| Arc::strong_count(segment) == 1);
-        if !unused || inner.slots.iter().all(Option::is_none) {
+        // Decided on `kept`, not on the slots: a segment dropped here after its first
+        // request failed may still be mapped in the worker.
+        if !unused || !self.kept() {
             return false;
         }
         inner.slots.clear();
@@ -198,8 +203,9 @@ impl Segments {
 }
 
 impl Inner {
-    /// Copies `bytes` into a free slot's segment: the smallest one that holds them, or a new
-    /// one (in a free slot, or in place of a free segment too small). Returns the slot, and its
+    /// Copies `bytes` into a free slot's segment: the smallest one that holds them and is not
+    /// more than twice the size a new one would have, or a new one (in place of the largest
+    /// free segment, or in a new slot). Returns the slot, and its
     /// segment when it is new (the worker must be sent it). `None` when every slot is lent or
     /// its output still read, or when a new segment would pass `max_bytes` or cannot be made.
     fn fill(&mut self, bytes: &[u8], max_bytes: usize) -> Option<(usize, Option<Segment>)> {
@@ -212,23 +218,27 @@ impl Inner {
                     .is_none_or(|segment| Arc::strong_count(segment) == 1)
         };
         let size = |slot: usize| self.slots[slot].as_ref().map_or(0, |s| s.len());
+        // Not one much larger than needed: a small input would keep a huge segment in use.
+        let needed = capacity_for(bytes.len());
         let reuse = (0..self.slots.len())
-            .filter(|&slot| free(slot) && size(slot) >= bytes.len())
+            .filter(|&slot| free(slot) && (bytes.len()..=2 * needed).contains(&size(slot)))
             .min_by_key(|&slot| size(slot));
         if let Some(slot) = reuse {
             let segment = self.slots[slot].as_mut().and_then(Arc::get_mut)?;
             segment[..bytes.len()].copy_from_slice(bytes);
             return Some((slot, None));
         }
-        // A new segment: in the first free slot, or in a new slot.
+        // A new segment: in place of the largest free one (what memory is kept follows what
+        // is used), or in a new slot.
         let slot = (0..self.slots.len())
-            .find(|&slot| free(slot))
+            .filter(|&slot| free(slot))
+            .max_by_key(|&slot| size(slot))
             .or((self.slots.len() < MAX_SLOTS).then_some(self.slots.len()))?;
         let kept: usize = (0..self.slots.len())
             .filter(|&other| other != slot)
             .map(size)
             .sum();
-        let new_size = capacity_for(bytes.len());
+        let new_size = needed;
         if kept + new_size > max_bytes {
             return None;
         }
@@ -383,6 +393,15 @@ mod tests {
             )),
         };
         segments.answered(unmapped).unwrap();
+        // Dropped here; the worker may still map it, and is told when the pool is idle.
+        let idle = Segments::default();
+        place(&idle, 1, SEGMENT_MIN);
+        idle.answered(ToParent::Done {
+            id: 1,
+            output: Err(WireError::Serialization("cannot map".into())),
+        })
+        .unwrap();
+        assert!(idle.trim_idle(Duration::ZERO) && !idle.kept());
         let (again, sent) = place(&segments, 2, SEGMENT_MIN);
         assert_eq!(again, slot);
         assert!(sent.is_some(), "the worker may not have it: sent again");
@@ -432,6 +451,23 @@ mod tests {
         assert!(!segments.kept() && !segments.trim_idle(Duration::ZERO));
         let (_, sent) = place(&segments, 2, SEGMENT_MIN);
         assert!(sent.is_some(), "a new segment, sent to the worker");
+    }
+
+    #[test]
+    fn a_small_input_does_not_keep_a_large_segment_in_use() {
+        let segments = Segments::default();
+        let (large, _) = place(&segments, 1, 16 << 20);
+        answer_in_segment(&segments, 1, 0);
+        let (slot, sent) = place(&segments, 2, SEGMENT_MIN);
+        assert_eq!(slot, large, "in its place");
+        assert!(sent.is_some(), "a new, smaller segment");
+        answer_in_segment(&segments, 2, 0);
+        let (again, sent) = place(&segments, 3, SEGMENT_MIN + 1);
+        assert_eq!(
+            (again, sent.is_none()),
+            (slot, true),
+            "reused at about its size"
+        );
     }
 
     #[test]
