@@ -37,10 +37,12 @@ pub enum TaskError {
         task: &'static str,
     },
     /// The worker process running the task died (it exited, aborted, or was killed). Only
-    /// the task(s) it held fail; the pool starts a replacement.
+    /// the task(s) it held fail; the pool starts a replacement (unless it is shutting down,
+    /// or has more workers than its base size).
     #[error(
-        "worker {pid} {status} while running `{task}`{}; the pool started a replacement",
-        attempts_note(*.attempts)
+        "worker {pid} {status} while running `{task}`{}; {}",
+        attempts_note(*.attempts),
+        if *.replaced { "the pool started a replacement" } else { NOT_REPLACED }
     )]
     #[non_exhaustive]
     WorkerCrashed {
@@ -56,11 +58,15 @@ pub enum TaskError {
         code: Option<i32>,
         /// How many times the task was run (more than 1 with retries).
         attempts: u32,
+        /// Whether the pool started a worker in its place.
+        replaced: bool,
     },
-    /// The task ran longer than its timeout; its worker was killed and replaced.
+    /// The task ran longer than its timeout; its worker was killed (and replaced, unless the
+    /// pool is shutting down or has more workers than its base size).
     #[error(
-        "task `{task}` ran longer than its timeout of {timeout:?}{}; its worker was killed and replaced",
-        attempts_note(*.attempts)
+        "task `{task}` ran longer than its timeout of {timeout:?}{}; its worker was killed{}",
+        attempts_note(*.attempts),
+        if *.replaced { " and replaced" } else { " (no replacement was started: the pool is shutting down or has workers enough)" }
     )]
     #[non_exhaustive]
     TimedOut {
@@ -70,6 +76,8 @@ pub enum TaskError {
         timeout: std::time::Duration,
         /// How many times the task was run (more than 1 with retries).
         attempts: u32,
+        /// Whether the pool started a worker in its place.
+        replaced: bool,
     },
     /// No task of this name is registered in the worker program.
     #[error("task `{task}` is not registered in the worker program; define it with #[offload::task] (or register_task!) in code the worker links")]
@@ -97,6 +105,10 @@ pub enum TaskError {
         message: String,
     },
 }
+
+/// The end of a crash message when no worker was started in the dead one's place.
+const NOT_REPLACED: &str =
+    "no replacement was started (the pool is shutting down or has workers enough)";
 
 fn attempts_note(attempts: u32) -> String {
     if attempts > 1 {
@@ -188,6 +200,7 @@ impl TaskError {
             signal,
             code,
             attempts: 1,
+            replaced: true,
         }
     }
 
@@ -197,7 +210,19 @@ impl TaskError {
             task,
             timeout,
             attempts: 1,
+            replaced: true,
         }
+    }
+
+    /// The same error, saying whether the pool started a worker in place of the one that
+    /// died (for crash and timeout errors; others are returned unchanged).
+    pub fn with_replaced(mut self, yes: bool) -> Self {
+        if let TaskError::WorkerCrashed { replaced, .. } | TaskError::TimedOut { replaced, .. } =
+            &mut self
+        {
+            *replaced = yes;
+        }
+        self
     }
 
     /// The same error, saying the task was run `attempts` times (for crash and timeout
@@ -339,6 +364,15 @@ mod tests {
             crash.to_string(),
             "worker 7 exited with code 3 while running `m::f`; the pool started a replacement"
         );
+        assert_eq!(
+            crash.with_replaced(false).to_string(),
+            "worker 7 exited with code 3 while running `m::f`; no replacement was started (the \
+             pool is shutting down or has workers enough)"
+        );
+        assert!(timeout
+            .with_replaced(false)
+            .to_string()
+            .ends_with("its worker was killed (no replacement was started: the pool is shutting down or has workers enough)"));
     }
 
     #[test]

@@ -44,8 +44,11 @@ pub(crate) enum Failure {
         status: String,
         signal: Option<i32>,
         code: Option<i32>,
+        /// Whether the pool started a worker in its place.
+        replaced: bool,
     },
-    TimedOut(Duration),
+    /// The timeout, and whether the pool started a worker in place of the one killed.
+    TimedOut(Duration, bool),
     Broken(String),
 }
 
@@ -57,8 +60,11 @@ impl Failure {
                 status,
                 signal,
                 code,
-            } => TaskError::worker_crashed(name, pid, status, signal, code),
-            Failure::TimedOut(after) => TaskError::timed_out(name, after),
+                replaced,
+            } => TaskError::worker_crashed(name, pid, status, signal, code).with_replaced(replaced),
+            Failure::TimedOut(after, replaced) => {
+                TaskError::timed_out(name, after).with_replaced(replaced)
+            }
             Failure::Broken(reason) => TaskError::pool_broken(name, reason),
         }
         .with_attempts(attempts)

@@ -824,9 +824,16 @@ impl Scheduler {
         let failed_to_start = !worker.connected
             || worker.init.is_some()
             || (worker.served == 0 && code.is_some_and(|c| WORKER_START_FAILURE.contains(&c)));
+        // What `replenish` below will do (the worker is out of `workers` already, and the
+        // requests behind it are back in the queue); a retried job goes there too, and then
+        // its message is not shown.
+        let active = self.workers.values().filter(|w| !w.retiring).count();
+        let replaced = self.broken.is_none()
+            && (self.shutdown.is_none() || !self.queue.is_empty())
+            && active < self.settings.workers;
         match (kill, front) {
             (Some(Kill::TimedOut(timeout)), Some(job)) => {
-                self.retry_or_fail(job, Failure::TimedOut(timeout));
+                self.retry_or_fail(job, Failure::TimedOut(timeout, replaced));
             }
             // Its handle already resolved as cancelled; the late result has nowhere to go.
             (Some(Kill::Cancelled), Some(job)) => drop(job),
@@ -859,24 +866,32 @@ impl Scheduler {
             }
             (_, None) => {
                 self.stats.crashed += 1;
-                tracing::warn!(
-                    worker.pid = pid,
-                    "idle worker {pid} {text}; starting a replacement"
-                );
+                let then = if replaced {
+                    "; starting a replacement"
+                } else {
+                    ""
+                };
+                tracing::warn!(worker.pid = pid, "idle worker {pid} {text}{then}");
             }
             (_, Some(job)) => {
                 self.stats.crashed += 1;
                 let name = job.name;
+                let then = if replaced {
+                    "; starting a replacement"
+                } else {
+                    ""
+                };
                 tracing::warn!(
                     worker.pid = pid,
                     task.name = name,
-                    "worker {pid} {text} while running `{name}`; starting a replacement"
+                    "worker {pid} {text} while running `{name}`{then}"
                 );
                 let failure = Failure::Crashed {
                     pid,
                     status: text,
                     signal,
                     code,
+                    replaced,
                 };
                 self.retry_or_fail(job, failure);
             }

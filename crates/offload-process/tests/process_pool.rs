@@ -42,6 +42,10 @@ task!(Square(u64) -> u64, |s| s.0 * s.0);
 task!(Panic(String) -> u32, |s| panic!("{}", s.0));
 task!(Abort() -> u32, |_s| std::process::abort());
 task!(ExitWith(i32) -> u32, |s| std::process::exit(s.0));
+task!(AbortAfter(u64) -> u32, |s| {
+    std::thread::sleep(Duration::from_millis(s.0));
+    std::process::abort()
+});
 task!(KillSelf() -> u32, |_s| {
     // SAFETY: kill(2) on our own pid with a valid signal number.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -415,6 +419,21 @@ fn check_crash(task_error: TaskError, signal: Option<i32>, code: Option<i32>, te
         }
         other => panic!("expected a worker crash, got {other}"),
     }
+}
+
+fn a_crash_during_shutdown_does_not_claim_a_replacement() {
+    let pool = ProcessPool::builder().workers(1).build().unwrap();
+    let crash = pool.submit(AbortAfter(200));
+    // Running before the shutdown (graceful: it runs on, and its worker is not replaced).
+    eventually("the task running", || crash.is_running());
+    pool.shutdown();
+    match wait(crash).unwrap_err() {
+        TaskError::WorkerCrashed { replaced, .. } if !replaced => {}
+        other => panic!("expected a crash without a replacement, got {other}"),
+    }
+    let text = wait(pool.submit(Square(2))).unwrap_err().to_string();
+    assert!(text.contains("shut down"), "{text}");
+    assert!(pool.join_timeout(LIMIT));
 }
 
 fn a_crashing_worker_fails_only_its_task_and_is_replaced() {
@@ -1876,6 +1895,7 @@ fn main() {
         works_from_inside_an_async_runtime,
         a_panic_comes_back_as_an_error_and_the_worker_keeps_serving,
         a_crashing_worker_fails_only_its_task_and_is_replaced,
+        a_crash_during_shutdown_does_not_claim_a_replacement,
         an_unregistered_task_is_an_error_that_names_it,
         map_and_as_completed_work_across_processes,
         a_batch_fails_task_by_task_and_its_worker_keeps_serving,
