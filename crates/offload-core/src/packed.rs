@@ -144,16 +144,15 @@ pub fn unpack_results<O: DeserializeOwned>(
 
 fn unpack_results_here<O: DeserializeOwned>(
     name: &'static str,
-    mut bytes: &[u8],
+    bytes: &[u8],
     count: usize,
 ) -> Vec<Result<O, TaskError>> {
     let mut results = Vec::with_capacity(count);
+    // One decoder over the whole buffer: a new one per result costs as much as the result.
+    let mut decoder = postcard::Deserializer::from_bytes(bytes);
     while results.len() < count {
-        match take_result::<O>(bytes) {
-            Ok((result, rest)) => {
-                bytes = rest;
-                results.push(result.map_err(|e| e.into_task_error(name)));
-            }
+        match take_result::<O>(&mut decoder) {
+            Ok(result) => results.push(result.map_err(|e| e.into_task_error(name))),
             Err(e) => {
                 // Nothing after an undecodable result can be found: the rest fail alike.
                 let error = TaskError::serialization(name, attach::describe(e));
@@ -170,17 +169,14 @@ fn unpack_results_here<O: DeserializeOwned>(
 const OK: u8 = 0;
 const ERR: u8 = 1;
 
-type Taken<'a, O> = (Result<O, WireError>, &'a [u8]);
-
-/// Decodes one `Result<O, WireError>` from the front of `bytes`.
-fn take_result<O: DeserializeOwned>(bytes: &[u8]) -> postcard::Result<Taken<'_, O>> {
-    match bytes.split_first() {
-        Some((&OK, rest)) => postcard::take_from_bytes::<O>(rest).map(|(o, rest)| (Ok(o), rest)),
-        Some((&ERR, rest)) => {
-            postcard::take_from_bytes::<WireError>(rest).map(|(e, rest)| (Err(e), rest))
-        }
-        Some(_) => Err(postcard::Error::DeserializeBadEnum),
-        None => Err(postcard::Error::DeserializeUnexpectedEnd),
+/// Decodes one `Result<O, WireError>` from where `decoder` is.
+fn take_result<'de, O: DeserializeOwned>(
+    decoder: &mut postcard::Deserializer<'de, postcard::de_flavors::Slice<'de>>,
+) -> postcard::Result<Result<O, WireError>> {
+    match u8::deserialize(&mut *decoder)? {
+        OK => O::deserialize(&mut *decoder).map(Ok),
+        ERR => WireError::deserialize(&mut *decoder).map(Err),
+        _ => Err(postcard::Error::DeserializeBadEnum),
     }
 }
 
@@ -237,7 +233,9 @@ pub(crate) fn run_packed<T: crate::Task>(
     failed
 }
 
-fn run_packed_here<T: crate::Task>(mut input: &[u8], count: usize, out: &mut Vec<u8>) -> usize {
+fn run_packed_here<T: crate::Task>(input: &[u8], count: usize, out: &mut Vec<u8>) -> usize {
+    // One decoder over the whole batch, as for the results (`unpack_results_here`).
+    let mut decoder = postcard::Deserializer::from_bytes(input);
     let mut failed = 0;
     let mut cancelled = false;
     let mut stride = 1;
@@ -259,9 +257,8 @@ fn run_packed_here<T: crate::Task>(mut input: &[u8], count: usize, out: &mut Vec
         let result = if cancelled {
             Err(WireError::Cancelled)
         } else {
-            match postcard::take_from_bytes::<T>(input) {
-                Ok((task, rest)) => {
-                    input = rest;
+            match T::deserialize(&mut decoder) {
+                Ok(task) => {
                     attach::suspended(|| crate::catch_task_panic(T::NAME, move || task.run()))
                         .map_err(WireError::from_task_error)
                 }
@@ -376,8 +373,10 @@ mod tests {
             let mut ours = Vec::new();
             put_result(&case, &mut ours);
             assert_eq!(ours, postcard::to_stdvec(&case).unwrap(), "{case:?}");
-            let (back, rest) = take_result::<String>(&ours).unwrap();
-            assert_eq!((back, rest.len()), (case, 0));
+            let mut decoder = postcard::Deserializer::from_bytes(&ours);
+            let back = take_result::<String>(&mut decoder).unwrap();
+            assert_eq!(back, case);
+            assert!(decoder.finalize().unwrap().is_empty(), "read to the end");
         }
         // The fallback written when an error does not encode is `Cancelled`.
         assert_eq!(

@@ -328,6 +328,31 @@ fn the_limits_of_a_message_hold_for_large_arguments_too() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+fn a_map_over_twelve_thousand_buffers_gets_every_result() {
+    let pool = ProcessPool::builder().workers(2).build().unwrap();
+    let n = 12_000;
+    let sums: Vec<Result<u64, TaskError>> = futures::executor::block_on(
+        pool.map((0..n).map(|i| {
+            let mut buf = SharedBuf::new(8).unwrap();
+            buf.fill((i % 7) as u8);
+            Sum(buf)
+        }))
+        .collect::<Vec<_>>(),
+    );
+    let failed: Vec<String> = sums
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+        .take(3)
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let expected: Vec<u64> = (0..n).map(|i| (i % 7) as u64 * 8).collect();
+    assert_eq!(
+        sums.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        expected
+    );
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn an_idle_pool_lets_go_of_its_segments() {
     let before = open_segments();
     let pool = ProcessPool::builder().workers(1).build().unwrap();
@@ -487,6 +512,10 @@ fn main() {
         (
             "the_limits_of_a_message_hold_for_large_arguments_too",
             the_limits_of_a_message_hold_for_large_arguments_too,
+        ),
+        (
+            "a_map_over_twelve_thousand_buffers_gets_every_result",
+            a_map_over_twelve_thousand_buffers_gets_every_result,
         ),
         (
             "an_idle_pool_lets_go_of_its_segments",
