@@ -70,6 +70,7 @@ impl TaskEntry {
     pub fn invoke(&self, input: &[u8], fds: &[Fd]) -> Result<Encoded, TaskError> {
         match (self.invoke)(Source::Bytes(input), fds)? {
             (OutputBytes::Encoded(bytes), fds) => Ok((bytes, fds)),
+            // Bytes give the output no room: it is always encoded anew.
             (OutputBytes::InPlace(_), fds) => Ok((Vec::new(), fds)),
         }
     }

@@ -43,14 +43,11 @@ impl Segment {
         Segment(Ok(buf))
     }
 
-    /// The sender's segment (for tests of the sender's side, which map it as a receiver
-    /// would).
+    /// The segment as the sender holds it (for tests of the sender's side, which map it
+    /// as a receiver would); `None` for one that arrived unmapped.
     #[doc(hidden)]
-    pub fn into_mapped_for_test(self) -> Arc<SharedBuf> {
-        match self.0 {
-            Ok(buf) => buf,
-            Err(e) => panic!("{e}"),
-        }
+    pub fn sender_side(&self) -> Option<&Arc<SharedBuf>> {
+        self.0.as_ref().ok()
     }
 
     /// The receiver's mapping, which nothing else holds yet; or why there is none.

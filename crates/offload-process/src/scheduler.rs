@@ -413,11 +413,11 @@ impl Scheduler {
 
     /// Sets the timer that lets go of unused segments and spare buffers, unless it is set.
     fn watch_kept_memory(&mut self) {
-        if !self.trim_pending {
-            self.trim_pending = true;
-            self.settings.recycler.set_watched(true);
-            self.after(segments::IDLE, Event::TrimUnused);
-        }
+        arm_trim_timer(
+            &mut self.trim_pending,
+            &self.settings.recycler,
+            &self.events,
+        );
     }
 
     fn on_connected(&mut self, pid: u32, writer: UnboundedSender<ToWorker>, lane: Arc<Lane>) {
@@ -494,15 +494,16 @@ impl Scheduler {
             return;
         };
         // Spare buffers ask for the timer themselves (`Command::WatchSpares`).
-        if !self.trim_pending
-            && worker
-                .lane
-                .as_ref()
-                .is_some_and(|lane| lane.reader.segments.kept())
+        if worker
+            .lane
+            .as_ref()
+            .is_some_and(|lane| lane.reader.segments.kept())
         {
-            self.trim_pending = true;
-            self.settings.recycler.set_watched(true);
-            send_after(&self.events, segments::IDLE, Event::TrimUnused);
+            arm_trim_timer(
+                &mut self.trim_pending,
+                &self.settings.recycler,
+                &self.events,
+            );
         }
         if worker.init == Some(id) {
             self.on_init_done(pid, outcome);
@@ -1119,6 +1120,16 @@ fn human_bytes(bytes: u64) -> String {
         b if b >= 1 << 20 => format!("{} MiB", b >> 20),
         b if b >= 1 << 10 => format!("{} KiB", b >> 10),
         b => format!("{b} bytes"),
+    }
+}
+
+/// Sets the timer that lets go of unused segments and spare buffers, unless `pending` says it
+/// is set. (Takes the scheduler's fields, not the scheduler: `on_message` holds a worker.)
+fn arm_trim_timer(pending: &mut bool, recycler: &Recycler, events: &UnboundedSender<Event>) {
+    if !*pending {
+        *pending = true;
+        recycler.set_watched(true);
+        send_after(events, segments::IDLE, Event::TrimUnused);
     }
 }
 

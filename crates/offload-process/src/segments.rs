@@ -285,8 +285,8 @@ mod tests {
             } => {
                 assert_eq!((placed, placed_len), (id, len as u64));
                 let mapped = segment.map(|segment| {
-                    let segment = segment.into_mapped_for_test();
-                    let fd = backend::segment_of(&segment).expect("a segment").clone();
+                    let segment = segment.sender_side().expect("a mapped segment");
+                    let fd = backend::segment_of(segment).expect("a segment").clone();
                     backend::map_segment(fd, segment.len()).expect("maps")
                 });
                 (slot, mapped)

@@ -110,7 +110,7 @@
 //! Small task arguments and outputs cross to a worker process through its socket. An
 //! argument of 1 MiB or more (encoded) crosses in shared memory on its own: the pool copies it
 //! into a segment it keeps for that worker, and the output comes back in the same segment
-//! when it fits (8 MiB there and back: ~1.5x the speed of a bare socket echo). Each worker
+//! when it fits (8 MiB there and back: 1.4-1.5x the speed of a bare socket echo). Each worker
 //! keeps at most 288 MiB of such segments and the pool two encode buffers of at most 256 MiB
 //! in all, for reuse (fresh memory costs more than the copies); both are dropped once they
 //! sat unused for two seconds.
