@@ -26,6 +26,23 @@ pub fn segment_of(buf: &crate::SharedBuf) -> Option<&Fd> {
     buf.segment()
 }
 
+/// A zero-filled shared buffer whose segment is named `name` (as `/proc` shows it), for
+/// memory a pool's machinery shares with its workers.
+///
+/// # Errors
+///
+/// As for [`SharedBuf::new`](crate::SharedBuf::new).
+pub fn named_shared_buf(len: usize, name: &std::ffi::CStr) -> std::io::Result<crate::SharedBuf> {
+    crate::SharedBuf::named(len, name)
+}
+
+/// Closes a shared buffer's descriptor, keeping its memory mapped: a process that only uses
+/// the memory need not hold one more descriptor. The buffer can no longer be sent to another
+/// process as a segment (its bytes would go inline).
+pub fn close_segment(buf: &mut crate::SharedBuf) {
+    buf.close_segment();
+}
+
 /// Maps a segment of `len` bytes that arrived from another process, as a [`SharedBuf`]
 /// would be on arrival (the segment must be sealed against shrinking, and hold `len` bytes).
 ///

@@ -70,7 +70,15 @@ impl SharedBuf {
         if len == 0 {
             return Ok(Self::empty());
         }
-        let fd = create_segment(len)?;
+        Self::named(len, c"offload-shared-buf")
+    }
+
+    /// A zero-filled buffer whose segment is named `name` (as `/proc` shows it).
+    pub(crate) fn named(len: usize, name: &std::ffi::CStr) -> io::Result<Self> {
+        if len == 0 {
+            return Ok(Self::empty());
+        }
+        let fd = create_segment(len, name)?;
         Self::map(fd, len)
     }
 
@@ -103,9 +111,14 @@ impl SharedBuf {
         }
     }
 
-    /// The buffer's segment; `None` for an empty buffer.
+    /// The buffer's segment; `None` for an empty buffer, or one whose descriptor was closed.
     pub(crate) fn segment(&self) -> Option<&Fd> {
         self.fd.as_ref()
+    }
+
+    /// Closes the buffer's descriptor and keeps its memory mapped.
+    pub(crate) fn close_segment(&mut self) {
+        self.fd = None;
     }
 
     /// Maps a segment that arrived from another process. It must be sealed against shrinking
@@ -169,16 +182,12 @@ impl SharedBuf {
 }
 
 /// A new memfd of `len` bytes, sealed so that its size can never change.
-fn create_segment(len: usize) -> io::Result<Fd> {
+fn create_segment(len: usize, name: &std::ffi::CStr) -> io::Result<Fd> {
     let size = libc::off_t::try_from(len)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "buffer too large"))?;
     // SAFETY: memfd_create reads a NUL-terminated name and returns a new descriptor or -1.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"offload-shared-buf".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -199,7 +208,8 @@ fn create_segment(len: usize) -> io::Result<Fd> {
 
 impl Drop for SharedBuf {
     fn drop(&mut self) {
-        if self.fd.is_some() {
+        // Every buffer but the empty one is mapped (with or without its descriptor).
+        if self.len != 0 {
             // SAFETY: `ptr..ptr+len` is the mapping `map` made, unmapped only here.
             unsafe {
                 libc::munmap(self.ptr.as_ptr().cast(), self.len);
@@ -354,6 +364,15 @@ mod tests {
         buf[9_999] = 7;
         assert_eq!(buf[9_999], 7);
         assert!(SharedBuf::new(0).expect("empty").is_empty());
+    }
+
+    #[test]
+    fn a_buffer_without_its_descriptor_keeps_its_memory() {
+        let mut buf = SharedBuf::from_slice(b"kept").expect("create");
+        buf.close_segment();
+        assert!(buf.segment().is_none());
+        buf[0] = b'K';
+        assert_eq!(&buf[..], b"Kept");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! - [`frame`]: length-prefixed postcard frames with a size limit checked before allocation.
 //! - [`protocol`]: every message between a pool and its workers.
 //! - [`recycle`]: large encode buffers, kept for the next large task.
+//! - [`ring`]: a worker's frames to the pool through shared memory.
 //! - [`segment`]: large payloads through shared-memory segments a connection reuses.
 //! - [`handshake`]: token, protocol-version and build checks.
 //! - [`transport`]: socket names and the environment contract of a worker.
@@ -18,6 +19,7 @@ pub mod handshake;
 mod log_forward;
 pub mod protocol;
 pub mod recycle;
+pub mod ring;
 pub mod segment;
 pub mod transport;
 pub mod worker;

@@ -16,7 +16,7 @@ use crate::recycle::{Recycled, Recycler};
 use crate::segment::Segment;
 
 /// Bumped on every incompatible change to these types; checked in the handshake.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Length of the per-pool secret a worker must present.
 pub const TOKEN_LEN: usize = 32;
@@ -332,6 +332,9 @@ pub enum ToWorker {
         /// Low-latency mode: how long the worker polls for its next request before it
         /// blocks, in microseconds (0 = off).
         spin_us: u32,
+        /// The ring the worker writes its frames into from now on (see [`crate::ring`]);
+        /// `None` when the pool could not make one: frames then go through the socket.
+        answers: Option<Segment>,
     },
     /// The handshake failed; the worker prints the reason and exits.
     Refused {

@@ -3,7 +3,8 @@
 //! Blocking and thread-based on purpose: no async runtime, so a worker stays small and
 //! starts fast. One thread, the runner, reads requests when idle, runs every task in order
 //! and writes each result as soon as it is done (`inbox`); `reader` decodes the
-//! connection, and the `Outbox` here writes to it.
+//! connection, and the `Outbox` here writes to the pool: into the connection's answer ring
+//! (see [`crate::ring`]) once the handshake gave one, through the socket before that.
 
 mod inbox;
 mod reader;
@@ -24,6 +25,7 @@ use crate::frame::{self, FrameError, DEFAULT_MAX_FRAME};
 use crate::handshake::token_from_hex;
 use crate::log_forward::{enter_request, ForwardingSubscriber};
 use crate::protocol::{build_id, Blob, Hello, ToParent, ToWorker, WireError, PROTOCOL_VERSION};
+use crate::ring::Producer;
 use crate::transport::{self, ENV_INHERITED, ENV_PARENT, ENV_SOCKET};
 use inbox::{Inbox, Request};
 use reader::Reader;
@@ -189,13 +191,14 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     }));
 
     let mut reader = Reader::new(stream);
-    let (max_log_level, max_frame, memory_limit, spin_us) = match reader.next()? {
+    let (max_log_level, max_frame, memory_limit, spin_us, answers) = match reader.next()? {
         Some(ToWorker::Welcome {
             max_log_level,
             max_frame,
             memory_limit,
             spin_us,
-        }) => (max_log_level, max_frame, memory_limit, spin_us),
+            answers,
+        }) => (max_log_level, max_frame, memory_limit, spin_us, answers),
         Some(ToWorker::Refused { reason }) => {
             return Err(WorkerExit::new(
                 exit_code::NO_PARENT,
@@ -212,6 +215,17 @@ fn serve(socket: &OsString) -> Result<(), WorkerExit> {
     };
     let max_frame = usize::try_from(max_frame).unwrap_or(usize::MAX);
     outbox.set_max_frame(max_frame);
+    if let Some(answers) = answers {
+        // The pool reads this connection as a ring from now on: a worker that cannot write
+        // to it cannot serve.
+        let producer = answers.into_mapped().and_then(Producer::new).map_err(|e| {
+            WorkerExit::new(
+                exit_code::NO_PARENT,
+                format!("cannot use the pool's answer ring: {e}"),
+            )
+        })?;
+        outbox.use_ring(producer);
+    }
     reader.decoder.set_max(max_frame);
     if max_log_level > 0 {
         // A worker is a fresh process: nothing else installed a subscriber.
@@ -382,6 +396,8 @@ pub(crate) struct Outbox {
 
 struct OutboxInner {
     send: &'static Stream,
+    /// Where frames go after the handshake, when the pool gave a ring.
+    ring: Option<Producer>,
     buf: Vec<u8>,
     /// Descriptors to send with `buf`.
     fds: Vec<Fd>,
@@ -393,6 +409,7 @@ impl Outbox {
         Outbox {
             inner: Mutex::new(OutboxInner {
                 send,
+                ring: None,
                 buf: Vec::with_capacity(KEEP_BUFFER),
                 fds: Vec::new(),
                 max_frame,
@@ -402,6 +419,10 @@ impl Outbox {
 
     fn set_max_frame(&self, max_frame: usize) {
         lock(&self.inner).max_frame = max_frame;
+    }
+
+    fn use_ring(&self, producer: Producer) {
+        lock(&self.inner).ring = Some(producer);
     }
 
     /// Writes a task's result. An output over the frame limit fails its own request (with a
@@ -492,13 +513,16 @@ impl Outbox {
 /// the parent is gone: the worker exits.
 fn write_or_exit(inner: &mut OutboxInner, tail: &[u8]) {
     let Stream::UdSocket(socket) = inner.send;
+    let fd = socket.as_fd().as_raw_fd();
     let mut send = inner.send;
-    let written = if inner.fds.is_empty() {
+    let written = if let Some(ring) = &mut inner.ring {
+        ring.send(fd, &inner.buf, &inner.fds, tail)
+    } else if inner.fds.is_empty() {
         send.write_all(&inner.buf)
+            .and_then(|()| send.write_all(tail))
     } else {
-        fdpass::send_all(socket.as_fd().as_raw_fd(), &inner.buf, &inner.fds)
-    }
-    .and_then(|()| send.write_all(tail));
+        fdpass::send_all(fd, &inner.buf, &inner.fds).and_then(|()| send.write_all(tail))
+    };
     if written.is_err() {
         std::process::exit(exit_code::DONE);
     }

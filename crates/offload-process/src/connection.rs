@@ -14,6 +14,7 @@ use offload_core::backend::Fd;
 use offload_ipc::frame::{self, FrameDecoder, FrameError};
 use offload_ipc::handshake::{check_hello, HandshakeError};
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
+use offload_ipc::segment::Segment;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::lane::Lane;
@@ -152,19 +153,42 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
         }
         return;
     }
+    // The worker's frames come through shared memory from now on (see `offload_ipc::ring`);
+    // without it (no memory to be had) through the socket, as before the handshake.
+    let (mut ring, answers) = match offload_ipc::ring::create() {
+        Ok((ring, memory)) => (Some(ring), Some(Segment::new(memory))),
+        Err(e) => {
+            tracing::debug!(
+                worker.pid = pid,
+                "worker {pid} answers through its socket: no shared memory for a ring: {e}"
+            );
+            (None, None)
+        }
+    };
     let welcome = ToWorker::Welcome {
         max_log_level: parent_log_level(),
         max_frame: accept.max_frame as u64,
         memory_limit: accept.memory_limit,
         spin_us: accept.spin_us,
+        answers,
     };
     if write_one(&stream, &welcome).await.is_err() {
         return;
     }
+    drop(welcome);
+    if let Some(ring) = &mut ring {
+        ring.sent();
+    }
     reader.decoder.set_max(accept.max_frame);
     reader.decoder.accept_fds();
     // Callers read the socket through the watch's duplicate, and write to the lane's.
-    let shared = SharedReader::new(pid, stream.watch().clone(), reader.decoder, events.clone());
+    let shared = SharedReader::new(
+        pid,
+        stream.watch().clone(),
+        reader.decoder,
+        ring,
+        events.clone(),
+    );
     let lane = match Lane::new(stream.get_ref(), Arc::new(shared)).map(Arc::new) {
         Ok(lane) => lane,
         Err(e) => {
@@ -215,6 +239,7 @@ pub(crate) async fn serve(stream: Stream, accept: Arc<Accept>, events: Unbounded
                     tracing::warn!(worker.pid = pid, "closing the connection to worker {pid}: {e}");
                     break Some(e.to_string());
                 }
+                shared.socket_woke();
             }
             () = shared.released.notified() => {}
         }
@@ -232,9 +257,10 @@ fn parent_log_level() -> u8 {
 }
 
 async fn write_one(stream: &Socket, message: &ToWorker) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    frame::encode(message, &mut buf, usize::MAX).map_err(std::io::Error::other)?;
-    stream.write_all(&buf, &[]).await
+    let (mut buf, mut fds) = (Vec::new(), Vec::new());
+    frame::encode_with_fds(message, &mut buf, &mut fds, usize::MAX)
+        .map_err(std::io::Error::other)?;
+    stream.write_all(&buf, &fds).await
 }
 
 /// Writes queued messages, many per write. Ends when the scheduler drops the sender or the

@@ -261,6 +261,20 @@ impl Lanes {
             .count()
     }
 
+    /// For the I/O thread, about to sleep: see [`SharedReader::before_sleep`].
+    pub(crate) fn before_sleep(&self) {
+        for lane in lock(&self.lanes).iter() {
+            lane.reader.before_sleep();
+        }
+    }
+
+    /// For the I/O thread, busy: see [`SharedReader::look_at_ring`].
+    pub(crate) fn look_at_rings(&self) {
+        for lane in lock(&self.lanes).iter() {
+            lane.reader.look_at_ring();
+        }
+    }
+
     pub(crate) fn add(&self, lane: Arc<Lane>) {
         lock(&self.lanes).push(lane);
     }
@@ -682,7 +696,7 @@ mod tests {
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
         let decoder = offload_ipc::frame::FrameDecoder::new(1024);
         let watch = Arc::new(crate::watch::ReadWatch::new(ours.as_fd()).unwrap());
-        let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, events));
+        let reader = Arc::new(SharedReader::new(1, watch.clone(), decoder, None, events));
         let lane = Arc::new(Lane::new(ours, reader).unwrap());
         lanes.add(lane.clone());
         // As the reactor does once it waits on the alarm.

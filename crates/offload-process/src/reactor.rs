@@ -34,8 +34,13 @@ pub(crate) fn start(
     let thread = std::thread::Builder::new()
         .name("offload-io".into())
         .spawn(move || {
+            // Workers wake this thread only when it said it sleeps (see `offload_ipc::ring`):
+            // it says so here, just before it does, so answers that come while it is busy
+            // cost no wake-up.
+            let sleeping = lanes.clone();
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_park(move || sleeping.before_sleep())
                 .build()
             {
                 Ok(runtime) => runtime,
@@ -147,6 +152,8 @@ async fn run(
         if scheduler.finished() {
             break;
         }
+        // A thread that never sleeps is never woken: it looks for answers itself.
+        lanes.look_at_rings();
         tokio::select! {
             Some(event) = events.recv() => {
                 scheduler.on_event(event);

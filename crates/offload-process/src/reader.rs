@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use offload_ipc::fdpass;
 use offload_ipc::frame::FrameDecoder;
 use offload_ipc::protocol::{Blob, ToParent, WireError};
+use offload_ipc::ring::{self, Consumer, RingWatch};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
 
@@ -59,11 +60,23 @@ pub(crate) struct SharedReader {
     /// Set when the reactor's watch could not be resumed after it was paused: the reactor
     /// would not hear from the socket again, so the connection is given up.
     watch_lost: AtomicBool,
+    /// The worker's frames come through this ring (see `offload_ipc::ring`), when the
+    /// connection has one; the socket then carries only wake-ups and descriptors.
+    ring: Option<RingWatch>,
+    /// Someone was woken by the socket (or may have been): the next read looks at it, for
+    /// wake-ups to take off and the end of the stream. With a ring, reads that find bytes in
+    /// it skip the socket otherwise.
+    socket_pending: AtomicBool,
     events: UnboundedSender<Event>,
 }
 
 struct ReadState {
     decoder: FrameDecoder,
+    /// The pool's end of the connection's ring.
+    ring: Option<Consumer>,
+    /// With a ring: the socket reported its end. What the worker published before is read
+    /// first.
+    socket_ended: bool,
     /// Set once the stream ended or failed; the I/O thread reports it.
     ended: Option<End>,
 }
@@ -106,13 +119,18 @@ impl SharedReader {
         pid: u32,
         watch: Arc<ReadWatch>,
         decoder: FrameDecoder,
+        ring: Option<Consumer>,
         events: UnboundedSender<Event>,
     ) -> Self {
         SharedReader {
             pid,
             watch,
+            ring: ring.as_ref().map(Consumer::watch),
+            socket_pending: AtomicBool::new(true),
             state: Mutex::new(ReadState {
                 decoder,
+                ring,
+                socket_ended: false,
                 ended: None,
             }),
             released: Notify::new(),
@@ -355,6 +373,106 @@ impl SharedReader {
     /// One non-blocking read into the decoder: true when bytes came, false when there were
     /// none; the end of the stream or an error as `Err`.
     fn recv(&self, state: &mut ReadState) -> Result<bool, End> {
+        if state.ring.is_some() {
+            self.recv_ring(state)
+        } else {
+            self.recv_socket(state)
+        }
+    }
+
+    /// [`Self::recv`] for a connection with a ring: the socket is read only when it woke
+    /// someone or descriptors are due, the ring otherwise. At the end of the stream, what the
+    /// worker published before it went is read first.
+    fn recv_ring(&self, state: &mut ReadState) -> Result<bool, End> {
+        let failed = |e: ring::RingError| End::Failed(e.to_string());
+        let Some(ring) = state.ring.as_ref() else {
+            return Ok(false);
+        };
+        // In this order: the descriptors of every frame published so far were sent before
+        // it, so they are in the socket by the time `carriers_due` counts them.
+        let mut available = ring.available().map_err(failed)?;
+        let due = ring.carriers_due();
+        if due > 0 || self.socket_pending.swap(false, Ordering::AcqRel) {
+            self.read_signals(state, due)?;
+            if state.socket_ended {
+                // The worker is gone: all it published is there now.
+                available = state
+                    .ring
+                    .as_ref()
+                    .map_or(Ok(0), Consumer::available)
+                    .map_err(failed)?;
+            }
+        }
+        if available > 0 {
+            let ReadState { decoder, ring, .. } = state;
+            let Some(ring) = ring.as_mut() else {
+                return Ok(false);
+            };
+            let n = ring.read(decoder.read_buf(), available);
+            decoder.filled(n);
+            return Ok(true);
+        }
+        if state.socket_ended {
+            return match state.decoder.finish() {
+                Ok(()) => Err(End::Eof),
+                Err(e) => Err(End::Failed(e.to_string())),
+            };
+        }
+        Ok(false)
+    }
+
+    /// Reads the socket of a connection with a ring: wake-ups, and the carrier bytes of `due`
+    /// descriptors' messages (which must be there), queueing the descriptors in the decoder.
+    fn read_signals(&self, state: &mut ReadState, mut due: u64) -> Result<(), End> {
+        let mut bytes = [0u8; 256];
+        loop {
+            let mut fds = Vec::new();
+            let read = fdpass::recv(
+                self.watch.socket().as_raw_fd(),
+                &mut bytes,
+                &mut fds,
+                libc::MSG_DONTWAIT,
+            );
+            match read {
+                Ok(0) => {
+                    state.socket_ended = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    let signals = &bytes[..n];
+                    if signals.iter().any(|&b| b > ring::CARRIER) {
+                        return Err(End::Failed(
+                            "the worker wrote to the socket past its answer ring".to_owned(),
+                        ));
+                    }
+                    let carriers = signals.iter().filter(|&&b| b == ring::CARRIER).count() as u64;
+                    if let Some(ring) = state.ring.as_mut() {
+                        ring.carriers_read(carriers);
+                    }
+                    due = due.saturating_sub(carriers);
+                    if let Err(e) = state.decoder.received_fds(fds) {
+                        return Err(End::Failed(e.to_string()));
+                    }
+                    if due == 0 && n < bytes.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if due > 0 {
+                        return Err(End::Failed(
+                            "the worker announced descriptors it did not send".to_owned(),
+                        ));
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// [`Self::recv`] for a connection without a ring: the frames come through the socket.
+    fn recv_socket(&self, state: &mut ReadState) -> Result<bool, End> {
         let mut fds = Vec::new();
         loop {
             let read = fdpass::recv(
@@ -385,6 +503,21 @@ impl SharedReader {
     }
 
     fn wait_readable(&self, timeout: Duration) {
+        if let Some(ring) = &self.ring {
+            // Bytes published before this are read now; after it, the worker wakes us.
+            if ring.sleeping(ring::CALLER) {
+                ring.awake(ring::CALLER);
+                return;
+            }
+        }
+        self.poll(timeout);
+        if let Some(ring) = &self.ring {
+            ring.awake(ring::CALLER);
+        }
+        self.socket_pending.store(true, Ordering::Release);
+    }
+
+    fn poll(&self, timeout: Duration) {
         let mut fds = [libc::pollfd {
             fd: self.watch.socket().as_raw_fd(),
             events: libc::POLLIN,
@@ -409,6 +542,51 @@ impl SharedReader {
                 message,
             })
             .map_err(|_| ())
+    }
+
+    /// For the I/O thread, after the socket woke it: the next read looks at the socket.
+    pub(crate) fn socket_woke(&self) {
+        self.socket_pending.store(true, Ordering::Release);
+    }
+
+    /// For the I/O thread, about to sleep (and now and then while it is busy): from now on
+    /// the worker wakes it with its next frame. Frames it published meanwhile came with no
+    /// wake-up, so the I/O thread is told to read them first (through `released`), or, when
+    /// a caller holds the reader, the caller is (`contended`: it reads them as it lets go).
+    pub(crate) fn before_sleep(&self) {
+        let Some(ring) = &self.ring else {
+            return;
+        };
+        if !ring.sleeping(ring::IO_THREAD) {
+            return;
+        }
+        // Not sleeping after all: no wake-up is needed for these.
+        ring.awake(ring::IO_THREAD);
+        self.wake_reader();
+    }
+
+    /// For the I/O thread while it is busy: frames in the ring are read (see
+    /// [`Self::before_sleep`]).
+    pub(crate) fn look_at_ring(&self) {
+        if self.ring.as_ref().is_some_and(RingWatch::has_bytes) {
+            self.wake_reader();
+        }
+    }
+
+    /// Has the connection's reader run: the I/O thread's, or a caller's that holds it.
+    fn wake_reader(&self) {
+        match self.state.try_lock() {
+            Err(TryLockError::WouldBlock) => {
+                // As in `drain`: the caller checks this after it lets go; it may have let go
+                // just now, before seeing it.
+                self.contended.store(true, Ordering::SeqCst);
+                if let Err(TryLockError::WouldBlock) = self.state.try_lock() {
+                    return;
+                }
+            }
+            Ok(_) | Err(TryLockError::Poisoned(_)) => {}
+        }
+        self.released.notify_one();
     }
 
     /// Stops the reactor's watch from reporting bytes (see `watch`); false if it could not
@@ -453,6 +631,7 @@ mod tests {
 
     use offload_ipc::frame;
     use offload_ipc::protocol::LogRecord;
+    use offload_ipc::ring::Producer;
     use tokio::sync::mpsc::UnboundedReceiver;
 
     use super::*;
@@ -487,7 +666,7 @@ mod tests {
         ours.set_nonblocking(true).unwrap();
         let (events, received) = tokio::sync::mpsc::unbounded_channel();
         let watch = Arc::new(ReadWatch::new(ours.as_fd()).unwrap());
-        let reader = SharedReader::new(5, watch, FrameDecoder::new(1 << 20), events);
+        let reader = SharedReader::new(5, watch, FrameDecoder::new(1 << 20), None, events);
         (reader, peer, received)
     }
 
@@ -716,5 +895,171 @@ mod tests {
         assert!(matches!(reader.drain(), Drained::Busy));
         drop(state);
         assert!(matches!(reader.drain(), Drained::Empty));
+    }
+
+    /// A reader whose worker writes into a ring, as after a handshake: the reader, the
+    /// worker's end of the ring, and the worker's end of the socket.
+    fn setup_ring() -> (SharedReader, Producer, UnixStream, UnboundedReceiver<Event>) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (events, received) = tokio::sync::mpsc::unbounded_channel();
+        let watch = Arc::new(ReadWatch::new(ours.as_fd()).unwrap());
+        let (consumer, memory) = ring::create().unwrap();
+        // The worker maps the same memory again, as it does from its `Welcome`.
+        let fd = offload_core::backend::segment_of(&memory).unwrap().clone();
+        let producer =
+            Producer::new(offload_core::backend::map_segment(fd, memory.len()).unwrap()).unwrap();
+        let decoder = FrameDecoder::new(1 << 20);
+        let reader = SharedReader::new(5, watch, decoder, Some(consumer), events);
+        (reader, producer, peer, received)
+    }
+
+    /// What the worker does with a frame (`offload_ipc::worker`'s outbox).
+    fn publish(producer: &mut Producer, peer: &UnixStream, message: &ToParent) {
+        let (mut buf, mut fds) = (Vec::new(), Vec::new());
+        frame::encode_with_fds(message, &mut buf, &mut fds, 1 << 20).unwrap();
+        producer
+            .send(peer.as_fd().as_raw_fd(), &buf, &fds, &[])
+            .unwrap();
+    }
+
+    fn drain_until(reader: &SharedReader, received: &mut UnboundedReceiver<Event>, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < n {
+            assert!(Instant::now() < deadline, "{got} of {n} frames in 10 s");
+            match reader.drain() {
+                Drained::Ended(End::Failed(e)) => panic!("after {got} frames: {e}"),
+                Drained::Ended(End::Eof) => panic!("the end after {got} frames"),
+                Drained::Empty | Drained::Busy => {}
+            }
+            // Everything the scheduler would see must decode, descriptors included.
+            while let Ok(event) = received.try_recv() {
+                match event {
+                    Event::Message {
+                        message: ToParent::Done { output, .. },
+                        ..
+                    } => {
+                        assert_eq!(output.unwrap().fds().len(), 2);
+                        got += 1;
+                    }
+                    _ => panic!("not an answer"),
+                }
+            }
+            reader.socket_woke();
+        }
+    }
+
+    /// A frame's descriptors come through the socket before its bytes are published; a
+    /// reader that takes bytes published after it counted the descriptors due would decode
+    /// a frame without them (this failed now and then before the reader kept to the bytes
+    /// it had counted for).
+    #[test]
+    fn with_a_ring_every_frame_has_its_descriptors_while_the_worker_keeps_writing() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        let n = 3000;
+        let writer = std::thread::spawn(move || {
+            let null = std::fs::File::open("/dev/null").unwrap();
+            for id in 0..n {
+                let fds = (0..2)
+                    .map(|_| offload_core::backend::Fd::new(null.try_clone().unwrap().into()))
+                    .collect();
+                let output = Blob::new(vec![1]).with_fds(fds);
+                publish(
+                    &mut producer,
+                    &peer,
+                    &ToParent::Done {
+                        id,
+                        output: Ok(output),
+                    },
+                );
+            }
+            (producer, peer)
+        });
+        drain_until(&reader, &mut received, n as usize);
+        let _ends = writer.join().unwrap();
+    }
+
+    /// Frames a worker published and nobody read yet are read at the end of its stream:
+    /// an answer written just before a crash is not lost.
+    #[test]
+    fn with_a_ring_what_a_worker_published_before_it_went_is_read_before_the_end() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        publish(&mut producer, &peer, &done(1, 1));
+        publish(&mut producer, &peer, &done(2, 2));
+        drop(peer);
+        let ended = loop {
+            match reader.drain() {
+                Drained::Ended(end) => break end,
+                Drained::Empty | Drained::Busy => reader.socket_woke(),
+            }
+        };
+        assert!(matches!(ended, End::Eof));
+        assert_eq!(forwarded(&mut received), ["done 1", "done 2"]);
+    }
+
+    /// With a ring the socket carries one-byte signals only: anything else is not the
+    /// protocol, and ends the connection.
+    #[test]
+    fn with_a_ring_other_bytes_on_the_socket_end_the_connection() {
+        let (reader, _producer, mut peer, _received) = setup_ring();
+        peer.write_all(b"x").unwrap();
+        match reader.drain() {
+            Drained::Ended(End::Failed(e)) => assert!(e.contains("past its answer ring"), "{e}"),
+            _ => panic!("a stray byte was accepted"),
+        }
+    }
+
+    /// A caller waiting for its answer sleeps in `poll` and is woken by the worker's signal;
+    /// frames that came while nobody slept are read without one.
+    #[test]
+    fn with_a_ring_a_sleeping_caller_is_woken_by_its_answer() {
+        let (reader, mut producer, peer, _received) = setup_ring();
+        publish(&mut producer, &peer, &done(1, 1));
+        assert_eq!(
+            reader.read_answer((1, "t"), &|| false, soon(), || Some(())),
+            Some(((), Ok(Blob::new(vec![1]))))
+        );
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            publish(&mut producer, &peer, &done(2, 2));
+            (producer, peer)
+        });
+        let started = Instant::now();
+        assert_eq!(
+            reader.read_answer((2, "t"), &|| false, soon(), || Some(())),
+            Some(((), Ok(Blob::new(vec![2]))))
+        );
+        // Woken, not found by a `poll` that timed out.
+        assert!(
+            started.elapsed() < HELP_POLL * 50,
+            "{:?}",
+            started.elapsed()
+        );
+        let _ends = writer.join().unwrap();
+    }
+
+    /// Frames that came while the I/O thread was busy bring no wake-up: before it sleeps it
+    /// is told to read them.
+    #[test]
+    fn with_a_ring_the_io_thread_reads_what_came_before_it_sleeps() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        publish(&mut producer, &peer, &done(3, 3));
+        reader.before_sleep();
+        let told = futures::FutureExt::now_or_never(reader.released.notified());
+        assert!(
+            told.is_some(),
+            "not told to read the frame waiting in the ring"
+        );
+        assert!(matches!(reader.drain(), Drained::Empty));
+        assert_eq!(forwarded(&mut received), ["done 3"]);
+        // Asleep now: the next frame wakes it through the socket.
+        reader.before_sleep();
+        publish(&mut producer, &peer, &done(4, 4));
+        let mut signal = [0u8; 4];
+        let socket = reader.watch.socket().as_raw_fd();
+        let n = fdpass::recv(socket, &mut signal, &mut Vec::new(), libc::MSG_DONTWAIT).unwrap();
+        assert_eq!(&signal[..n], &[ring::WAKE]);
     }
 }
