@@ -69,6 +69,9 @@ struct Memory {
     base: NonNull<u8>,
     /// Data bytes, a power of two.
     cap: u64,
+    /// The pool's `head`, kept out of the mapping for [`RingWatch::has_bytes`]: the worker can
+    /// write the header's copy, and a pool that believed it would look for bytes forever.
+    head: AtomicU64,
 }
 
 // SAFETY: `Memory` owns a shared mapping (through `_buf`) and touches it only through atomics
@@ -91,6 +94,7 @@ impl Memory {
             _buf: Arc::new(buf),
             base,
             cap: data as u64,
+            head: AtomicU64::new(0),
         })
     }
 
@@ -128,6 +132,7 @@ pub fn create() -> std::io::Result<(Consumer, Arc<SharedBuf>)> {
         _buf: buf.clone(),
         base,
         cap: RING_BYTES as u64,
+        head: AtomicU64::new(0),
     };
     let consumer = Consumer {
         memory: Arc::new(memory),
@@ -206,6 +211,7 @@ impl Consumer {
             want -= n;
         }
         if done > 0 {
+            self.memory.head.store(self.head, Ordering::Release);
             self.memory.u64_at(HEAD).store(self.head, Ordering::SeqCst);
             // Pairs with the worker's store of `WANT_ROOM` before it looks at `HEAD` again.
             fence(Ordering::SeqCst);
@@ -250,11 +256,11 @@ impl RingWatch {
             .fetch_and(!who, Ordering::SeqCst);
     }
 
-    /// True when the worker published bytes the pool has not read (or the header is
-    /// corrupt, which the reader then reports).
+    /// True when the worker published bytes the pool has not read (or a `tail` that is
+    /// corrupt, which the reader then reports, ending the connection).
     pub fn has_bytes(&self) -> bool {
         let tail = self.memory.u64_at(TAIL).load(Ordering::Acquire);
-        tail != self.memory.u64_at(HEAD).load(Ordering::Acquire)
+        tail != self.memory.head.load(Ordering::Acquire)
     }
 }
 
@@ -503,6 +509,20 @@ mod tests {
             .u64_at(TAIL)
             .store(RING_BYTES as u64 + 1, Ordering::Release);
         assert!(consumer.available().is_err());
+    }
+
+    /// The worker has the header mapped writable: a `head` it wrote must not make the pool
+    /// look for bytes that are not there (it did, at every turn of the I/O thread).
+    #[test]
+    fn a_head_the_worker_wrote_does_not_make_bytes_appear() {
+        let (mut producer, mut consumer) = pair();
+        let watch = consumer.watch();
+        producer.write(b"abc", &mut no_wake()).unwrap();
+        let available = consumer.available().unwrap();
+        assert_eq!(consumer.read(&mut [0; 8], available), 3);
+        producer.memory.u64_at(HEAD).store(1, Ordering::Release);
+        assert!(!watch.has_bytes());
+        assert!(!watch.sleeping(IO_THREAD));
     }
 
     #[test]

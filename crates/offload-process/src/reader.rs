@@ -67,6 +67,9 @@ pub(crate) struct SharedReader {
     /// wake-ups to take off and the end of the stream. With a ring, reads that find bytes in
     /// it skip the socket otherwise.
     socket_pending: AtomicBool,
+    /// A wake-up byte was read: if a caller read it, the I/O thread's bit in the ring's header
+    /// may have gone with it (see [`Self::let_go`]).
+    took_wake: AtomicBool,
     events: UnboundedSender<Event>,
 }
 
@@ -127,6 +130,7 @@ impl SharedReader {
             watch,
             ring: ring.as_ref().map(Consumer::watch),
             socket_pending: AtomicBool::new(true),
+            took_wake: AtomicBool::new(false),
             state: Mutex::new(ReadState {
                 decoder,
                 ring,
@@ -179,7 +183,7 @@ impl SharedReader {
             if let Some(end) = state.ended.take() {
                 return Drained::Ended(end);
             }
-            match self.recv(&mut state) {
+            match self.recv(&mut state, true) {
                 Ok(true) => {}
                 Ok(false) => return Drained::Empty,
                 Err(end) => return Drained::Ended(end),
@@ -225,7 +229,9 @@ impl SharedReader {
         // after the caller's last read are not lost: the paused watch reports them when it is
         // resumed, and a running one wakes the I/O thread, which waits for this caller to let
         // go (`contended`: `let_go` reads them). A read that finds nothing cost every round
-        // trip a system call.
+        // trip a system call. (With a ring, later frames reach the I/O thread the same way:
+        // they come with a wake-up byte once it said it sleeps, and `let_go` makes sure it
+        // still says so after this caller took a wake-up.)
         if self.hand_on_decoded(&mut state) {
             // Something is left for the I/O thread: `let_go` wakes it.
             self.contended.store(true, Ordering::SeqCst);
@@ -239,7 +245,19 @@ impl SharedReader {
     /// empty; only if something is left for the I/O thread (the end of the stream, a partial
     /// frame) does it wake it. Waking it every time cost a system call and a thread on the
     /// other CPU per round trip (the low-latency mode's p50 went from 22 to 31-36 µs).
+    ///
+    /// With a ring, a caller that read a wake-up byte re-arms the I/O thread's bit first: the
+    /// worker cleared every sleeper's bit as it sent that byte, and the I/O thread, asleep
+    /// behind a paused watch, never saw it; without its bit, later frames would not wake it.
     fn let_go(&self) {
+        if self.took_wake.swap(false, Ordering::AcqRel) {
+            if let Some(ring) = &self.ring {
+                if ring.sleeping(ring::IO_THREAD) {
+                    // Bytes came in between, with no wake-up: this caller reads them, below.
+                    self.contended.store(true, Ordering::SeqCst);
+                }
+            }
+        }
         while self.contended.swap(false, Ordering::SeqCst) {
             let mut state = match self.state.try_lock() {
                 Ok(state) => state,
@@ -264,7 +282,7 @@ impl SharedReader {
             if self.hand_on_decoded(state) {
                 return true;
             }
-            match self.recv(state) {
+            match self.recv(state, true) {
                 Ok(true) => {}
                 Ok(false) => return false,
                 Err(end) => {
@@ -343,7 +361,7 @@ impl SharedReader {
                     waited = true;
                 }
             }
-            match self.recv(state) {
+            match self.recv(state, false) {
                 Ok(true) => {}
                 Ok(false) => {
                     let Some(wait) = wait_time(deadline) else {
@@ -371,10 +389,13 @@ impl SharedReader {
     }
 
     /// One non-blocking read into the decoder: true when bytes came, false when there were
-    /// none; the end of the stream or an error as `Err`.
-    fn recv(&self, state: &mut ReadState) -> Result<bool, End> {
+    /// none; the end of the stream or an error as `Err`. With a ring, `to_the_end` reads the
+    /// socket's signals until it is empty (the I/O thread: its watch reports an edge once, and
+    /// the end of the stream may have come with the bytes that woke it); a caller stops at a
+    /// short read, and leaves the end of the stream to the I/O thread.
+    fn recv(&self, state: &mut ReadState, to_the_end: bool) -> Result<bool, End> {
         if state.ring.is_some() {
-            self.recv_ring(state)
+            self.recv_ring(state, to_the_end)
         } else {
             self.recv_socket(state)
         }
@@ -383,7 +404,7 @@ impl SharedReader {
     /// [`Self::recv`] for a connection with a ring: the socket is read only when it woke
     /// someone or descriptors are due, the ring otherwise. At the end of the stream, what the
     /// worker published before it went is read first.
-    fn recv_ring(&self, state: &mut ReadState) -> Result<bool, End> {
+    fn recv_ring(&self, state: &mut ReadState, to_the_end: bool) -> Result<bool, End> {
         let failed = |e: ring::RingError| End::Failed(e.to_string());
         let Some(ring) = state.ring.as_ref() else {
             return Ok(false);
@@ -393,7 +414,7 @@ impl SharedReader {
         let mut available = ring.available().map_err(failed)?;
         let due = ring.carriers_due();
         if due > 0 || self.socket_pending.swap(false, Ordering::AcqRel) {
-            self.read_signals(state, due)?;
+            self.read_signals(state, due, to_the_end)?;
             if state.socket_ended {
                 // The worker is gone: all it published is there now.
                 available = state
@@ -422,8 +443,16 @@ impl SharedReader {
     }
 
     /// Reads the socket of a connection with a ring: wake-ups, and the carrier bytes of `due`
-    /// descriptors' messages (which must be there), queueing the descriptors in the decoder.
-    fn read_signals(&self, state: &mut ReadState, mut due: u64) -> Result<(), End> {
+    /// descriptors' messages (which must be there), queueing the descriptors in the decoder;
+    /// until the socket is empty if `to_the_end`. A wake-up taken here may have been meant
+    /// for the I/O thread too (the worker clears every sleeper's bit as it wakes them):
+    /// `took_wake` has the caller re-arm it as it lets go.
+    fn read_signals(
+        &self,
+        state: &mut ReadState,
+        mut due: u64,
+        to_the_end: bool,
+    ) -> Result<(), End> {
         let mut bytes = [0u8; 256];
         loop {
             let mut fds = Vec::new();
@@ -446,6 +475,9 @@ impl SharedReader {
                         ));
                     }
                     let carriers = signals.iter().filter(|&&b| b == ring::CARRIER).count() as u64;
+                    if (carriers as usize) < n {
+                        self.took_wake.store(true, Ordering::Release);
+                    }
                     if let Some(ring) = state.ring.as_mut() {
                         ring.carriers_read(carriers);
                     }
@@ -453,7 +485,7 @@ impl SharedReader {
                     if let Err(e) = state.decoder.received_fds(fds) {
                         return Err(End::Failed(e.to_string()));
                     }
-                    if due == 0 && n < bytes.len() {
+                    if due == 0 && n < bytes.len() && !to_the_end {
                         return Ok(());
                     }
                 }
@@ -560,33 +592,38 @@ impl SharedReader {
         if !ring.sleeping(ring::IO_THREAD) {
             return;
         }
-        // Not sleeping after all: no wake-up is needed for these.
-        ring.awake(ring::IO_THREAD);
-        self.wake_reader();
+        if self.wake_reader() {
+            // Not sleeping after all: no wake-up is needed for these.
+            ring.awake(ring::IO_THREAD);
+        }
+        // Otherwise a caller reads them as it lets go, and the I/O thread sleeps with its bit
+        // set: later frames wake it.
     }
 
     /// For the I/O thread while it is busy: frames in the ring are read (see
     /// [`Self::before_sleep`]).
     pub(crate) fn look_at_ring(&self) {
         if self.ring.as_ref().is_some_and(RingWatch::has_bytes) {
-            self.wake_reader();
+            let _ = self.wake_reader();
         }
     }
 
-    /// Has the connection's reader run: the I/O thread's, or a caller's that holds it.
-    fn wake_reader(&self) {
+    /// Has the connection's reader run: the I/O thread's (true), or a caller's that holds it
+    /// (false: it reads as it lets go).
+    fn wake_reader(&self) -> bool {
         match self.state.try_lock() {
             Err(TryLockError::WouldBlock) => {
                 // As in `drain`: the caller checks this after it lets go; it may have let go
                 // just now, before seeing it.
                 self.contended.store(true, Ordering::SeqCst);
                 if let Err(TryLockError::WouldBlock) = self.state.try_lock() {
-                    return;
+                    return false;
                 }
             }
             Ok(_) | Err(TryLockError::Poisoned(_)) => {}
         }
         self.released.notify_one();
+        true
     }
 
     /// Stops the reactor's watch from reporting bytes (see `watch`); false if it could not
@@ -1061,5 +1098,77 @@ mod tests {
         let socket = reader.watch.socket().as_raw_fd();
         let n = fdpass::recv(socket, &mut signal, &mut Vec::new(), libc::MSG_DONTWAIT).unwrap();
         assert_eq!(&signal[..n], &[ring::WAKE]);
+    }
+
+    /// The signal bytes waiting on the reader's socket, read without waiting.
+    fn signals(reader: &SharedReader) -> Vec<u8> {
+        let mut bytes = [0u8; 16];
+        let socket = reader.watch.socket().as_raw_fd();
+        match fdpass::recv(socket, &mut bytes, &mut Vec::new(), libc::MSG_DONTWAIT) {
+            Ok(n) => bytes[..n].to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The I/O thread's watch reports an edge once: if the worker's end came in the same
+    /// read as a wake-up, one look must find both (it found the wake-up only, and the
+    /// disconnect waited for the worker's exit to be noticed).
+    #[test]
+    fn with_a_ring_one_look_finds_the_end_behind_a_wake_up() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        reader.before_sleep();
+        publish(&mut producer, &peer, &done(1, 1));
+        drop(peer);
+        reader.socket_woke();
+        assert!(matches!(reader.drain(), Drained::Ended(End::Eof)));
+        assert_eq!(forwarded(&mut received), ["done 1"]);
+    }
+
+    /// A wake-up the worker sent while both the I/O thread and a caller slept clears both
+    /// their bits, and only the caller reads it: it must re-arm the I/O thread's, or the
+    /// next frame for the scheduler wakes nobody.
+    #[test]
+    fn with_a_ring_a_caller_that_took_a_wake_up_leaves_the_io_thread_armed() {
+        let (reader, mut producer, peer, _received) = setup_ring();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        reader.before_sleep();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            publish(&mut producer, &peer, &done(2, 2));
+            (producer, peer)
+        });
+        assert!(reader
+            .read_answer((2, "t"), &|| false, soon(), || Some(()))
+            .is_some());
+        let (mut producer, peer) = writer.join().unwrap();
+        assert!(signals(&reader).is_empty(), "the caller read its wake-up");
+        publish(&mut producer, &peer, &done(3, 3));
+        assert_eq!(
+            signals(&reader),
+            [ring::WAKE],
+            "the sleeping I/O thread was not woken"
+        );
+    }
+
+    /// Frames a caller holding the reader is told to read (the I/O thread found it busy as
+    /// it went to sleep) leave the I/O thread's bit set: the next frame wakes it.
+    #[test]
+    fn with_a_ring_frames_left_to_a_caller_leave_the_io_thread_armed() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        assert!(matches!(reader.drain(), Drained::Empty));
+        publish(&mut producer, &peer, &done(1, 1));
+        let held = reader.state.lock().unwrap();
+        reader.before_sleep();
+        drop(held);
+        // What a caller does as it lets go.
+        reader.let_go();
+        assert_eq!(forwarded(&mut received), ["done 1"]);
+        publish(&mut producer, &peer, &done(2, 2));
+        assert_eq!(
+            signals(&reader),
+            [ring::WAKE],
+            "the sleeping I/O thread was not woken"
+        );
     }
 }
