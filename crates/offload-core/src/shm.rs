@@ -67,9 +67,6 @@ impl SharedBuf {
     /// When the system cannot create or map a shared-memory segment that large (out of
     /// memory, or out of file descriptors).
     pub fn new(len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Ok(Self::empty());
-        }
         Self::named(len, c"offload-shared-buf")
     }
 

@@ -62,15 +62,17 @@ const ROOM_WAIT: Duration = Duration::from_millis(20);
 
 /// A ring's memory: the shared mapping and where its parts are.
 struct Memory {
-    /// Keeps the mapping alive; never read or written through references (see `base`).
-    _buf: Arc<SharedBuf>,
+    /// Keeps the mapping alive (the pool sends it in the `Welcome`); never read or written
+    /// through references (see `base`).
+    buf: Arc<SharedBuf>,
     /// The mapping's first byte. Both processes write the mapping at once, so it is only
     /// touched through this pointer: as atomics for the header, by copies for the data.
     base: NonNull<u8>,
     /// Data bytes, a power of two.
     cap: u64,
-    /// The pool's `head`, kept out of the mapping for [`RingWatch::has_bytes`]: the worker can
-    /// write the header's copy, and a pool that believed it would look for bytes forever.
+    /// The pool's `head` (bytes consumed), kept out of the mapping: the header's copy is for
+    /// the worker, which could overwrite it, and a pool that believed it would look for bytes
+    /// forever.
     head: AtomicU64,
 }
 
@@ -91,7 +93,7 @@ impl Memory {
         }
         let base = NonNull::new(buf.as_mut_ptr()).ok_or("an empty answer ring")?;
         Ok(Memory {
-            _buf: Arc::new(buf),
+            buf: Arc::new(buf),
             base,
             cap: data as u64,
             head: AtomicU64::new(0),
@@ -125,18 +127,11 @@ impl Memory {
 ///
 /// When the system gives no shared memory (the connection then goes without a ring).
 pub fn create() -> std::io::Result<(Consumer, Arc<SharedBuf>)> {
-    let mut buf = offload_core::backend::named_shared_buf(HEADER + RING_BYTES, c"offload-answers")?;
-    let base = NonNull::new(buf.as_mut_ptr()).ok_or(std::io::ErrorKind::InvalidInput)?;
-    let buf = Arc::new(buf);
-    let memory = Memory {
-        _buf: buf.clone(),
-        base,
-        cap: RING_BYTES as u64,
-        head: AtomicU64::new(0),
-    };
+    let buf = offload_core::backend::named_shared_buf(HEADER + RING_BYTES, c"offload-answers")?;
+    let memory = Memory::new(buf).map_err(std::io::Error::other)?;
+    let buf = memory.buf.clone();
     let consumer = Consumer {
         memory: Arc::new(memory),
-        head: 0,
         carriers: 0,
     };
     Ok((consumer, buf))
@@ -145,8 +140,6 @@ pub fn create() -> std::io::Result<(Consumer, Arc<SharedBuf>)> {
 /// The pool's end of a ring: reads what the worker published.
 pub struct Consumer {
     memory: Arc<Memory>,
-    /// Bytes consumed; the header's copy is for the worker only.
-    head: u64,
     /// Carrier bytes read from the socket.
     carriers: u64,
 }
@@ -164,7 +157,7 @@ impl Consumer {
     /// When the worker published a position behind the pool's, or more than the ring holds.
     pub fn available(&self) -> Result<usize, RingError> {
         let tail = self.memory.u64_at(TAIL).load(Ordering::Acquire);
-        match tail.checked_sub(self.head) {
+        match tail.checked_sub(self.memory.head.load(Ordering::Relaxed)) {
             Some(n) if n <= self.memory.cap => Ok(n as usize),
             _ => Err(RingError("it claims bytes it cannot hold")),
         }
@@ -174,7 +167,7 @@ impl Consumer {
     /// descriptor for it from now on.
     pub fn sent(&mut self) {
         if let Some(memory) = Arc::get_mut(&mut self.memory) {
-            if let Some(buf) = Arc::get_mut(&mut memory._buf) {
+            if let Some(buf) = Arc::get_mut(&mut memory.buf) {
                 offload_core::backend::close_segment(buf);
             }
         }
@@ -200,19 +193,20 @@ impl Consumer {
     /// belong to frames whose descriptors have not been read.
     pub fn read(&mut self, out: &mut [u8], available: usize) -> usize {
         let mut want = available.min(out.len());
+        let mut head = self.memory.head.load(Ordering::Relaxed);
         let mut done = 0;
         while want > 0 {
-            let (from, n) = self.memory.data(self.head, want);
+            let (from, n) = self.memory.data(head, want);
             // SAFETY: the worker published these bytes (the `Acquire` load in `available`)
             // and writes them again only after `head` moves past them; `out` is ours.
             unsafe { std::ptr::copy_nonoverlapping(from, out[done..].as_mut_ptr(), n) };
-            self.head += n as u64;
+            head += n as u64;
             done += n;
             want -= n;
         }
         if done > 0 {
-            self.memory.head.store(self.head, Ordering::Release);
-            self.memory.u64_at(HEAD).store(self.head, Ordering::SeqCst);
+            self.memory.head.store(head, Ordering::Release);
+            self.memory.u64_at(HEAD).store(head, Ordering::SeqCst);
             // Pairs with the worker's store of `WANT_ROOM` before it looks at `HEAD` again.
             fence(Ordering::SeqCst);
             if self.memory.u32_at(WANT_ROOM).swap(0, Ordering::SeqCst) != 0 {
@@ -463,15 +457,7 @@ mod tests {
         let (mut producer, mut consumer) = pair();
         let big: Vec<u8> = (0..3 * RING_BYTES + 17).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
-        let writer = std::thread::spawn(move || {
-            let mut woken = 0;
-            producer
-                .write(&sent, &mut || {
-                    woken += 1;
-                    Ok(())
-                })
-                .unwrap();
-        });
+        let writer = std::thread::spawn(move || producer.write(&sent, &mut no_wake()).unwrap());
         let mut got = Vec::new();
         let mut out = vec![0; 4096];
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

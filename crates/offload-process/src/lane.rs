@@ -263,15 +263,17 @@ impl Lanes {
 
     /// For the I/O thread, about to sleep: see [`SharedReader::before_sleep`].
     pub(crate) fn before_sleep(&self) {
-        for lane in lock(&self.lanes).iter() {
-            lane.reader.before_sleep();
-        }
+        self.each_reader(SharedReader::before_sleep);
     }
 
     /// For the I/O thread, busy: see [`SharedReader::look_at_ring`].
     pub(crate) fn look_at_rings(&self) {
+        self.each_reader(SharedReader::look_at_ring);
+    }
+
+    fn each_reader(&self, f: fn(&SharedReader)) {
         for lane in lock(&self.lanes).iter() {
-            lane.reader.look_at_ring();
+            f(&lane.reader);
         }
     }
 

@@ -405,36 +405,33 @@ impl SharedReader {
     /// someone or descriptors are due, the ring otherwise. At the end of the stream, what the
     /// worker published before it went is read first.
     fn recv_ring(&self, state: &mut ReadState, to_the_end: bool) -> Result<bool, End> {
-        let failed = |e: ring::RingError| End::Failed(e.to_string());
-        let Some(ring) = state.ring.as_ref() else {
+        let ReadState {
+            decoder,
+            ring: Some(ring),
+            socket_ended,
+            ..
+        } = state
+        else {
             return Ok(false);
         };
+        let failed = |e: ring::RingError| End::Failed(e.to_string());
         // In this order: the descriptors of every frame published so far were sent before
         // it, so they are in the socket by the time `carriers_due` counts them.
         let mut available = ring.available().map_err(failed)?;
         let due = ring.carriers_due();
-        if due > 0 || self.socket_pending.swap(false, Ordering::AcqRel) {
-            self.read_signals(state, due, to_the_end)?;
-            if state.socket_ended {
-                // The worker is gone: all it published is there now.
-                available = state
-                    .ring
-                    .as_ref()
-                    .map_or(Ok(0), Consumer::available)
-                    .map_err(failed)?;
-            }
+        let look = due > 0 || self.socket_pending.swap(false, Ordering::AcqRel);
+        if look && self.read_signals(decoder, ring, due, to_the_end)? {
+            *socket_ended = true;
+            // The worker is gone: all it published is there now.
+            available = ring.available().map_err(failed)?;
         }
         if available > 0 {
-            let ReadState { decoder, ring, .. } = state;
-            let Some(ring) = ring.as_mut() else {
-                return Ok(false);
-            };
             let n = ring.read(decoder.read_buf(), available);
             decoder.filled(n);
             return Ok(true);
         }
-        if state.socket_ended {
-            return match state.decoder.finish() {
+        if *socket_ended {
+            return match decoder.finish() {
                 Ok(()) => Err(End::Eof),
                 Err(e) => Err(End::Failed(e.to_string())),
             };
@@ -443,16 +440,17 @@ impl SharedReader {
     }
 
     /// Reads the socket of a connection with a ring: wake-ups, and the carrier bytes of `due`
-    /// descriptors' messages (which must be there), queueing the descriptors in the decoder;
-    /// until the socket is empty if `to_the_end`. A wake-up taken here may have been meant
-    /// for the I/O thread too (the worker clears every sleeper's bit as it wakes them):
-    /// `took_wake` has the caller re-arm it as it lets go.
+    /// descriptors' messages (which must be there), queueing the descriptors in `decoder`;
+    /// until the socket is empty if `to_the_end`. True at the end of the stream. A wake-up
+    /// taken here may have been meant for the I/O thread too (the worker clears every
+    /// sleeper's bit as it wakes them): `took_wake` has the caller re-arm it as it lets go.
     fn read_signals(
         &self,
-        state: &mut ReadState,
+        decoder: &mut FrameDecoder,
+        ring: &mut Consumer,
         mut due: u64,
         to_the_end: bool,
-    ) -> Result<(), End> {
+    ) -> Result<bool, End> {
         let mut bytes = [0u8; 256];
         loop {
             let mut fds = Vec::new();
@@ -463,10 +461,7 @@ impl SharedReader {
                 libc::MSG_DONTWAIT,
             );
             match read {
-                Ok(0) => {
-                    state.socket_ended = true;
-                    return Ok(());
-                }
+                Ok(0) => return Ok(true),
                 Ok(n) => {
                     let signals = &bytes[..n];
                     if signals.iter().any(|&b| b > ring::CARRIER) {
@@ -474,19 +469,17 @@ impl SharedReader {
                             "the worker wrote to the socket past its answer ring".to_owned(),
                         ));
                     }
-                    let carriers = signals.iter().filter(|&&b| b == ring::CARRIER).count() as u64;
-                    if (carriers as usize) < n {
+                    let carriers = signals.iter().filter(|&&b| b == ring::CARRIER).count();
+                    if carriers < n {
                         self.took_wake.store(true, Ordering::Release);
                     }
-                    if let Some(ring) = state.ring.as_mut() {
-                        ring.carriers_read(carriers);
-                    }
-                    due = due.saturating_sub(carriers);
-                    if let Err(e) = state.decoder.received_fds(fds) {
+                    ring.carriers_read(carriers as u64);
+                    due = due.saturating_sub(carriers as u64);
+                    if let Err(e) = decoder.received_fds(fds) {
                         return Err(End::Failed(e.to_string()));
                     }
                     if due == 0 && n < bytes.len() && !to_the_end {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -495,7 +488,7 @@ impl SharedReader {
                             "the worker announced descriptors it did not send".to_owned(),
                         ));
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(End::Failed(e.to_string())),
