@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use crate::map::{Map, MapUnordered};
-use crate::{SubmitError, Task, TaskError, TaskHandle};
+use crate::{BatchResults, SubmitError, Task, TaskHandle};
 
 /// The handle type of a batch: one result per task, in submission order.
-pub type BatchHandle<O> = TaskHandle<Vec<Result<O, TaskError>>>;
+pub type BatchHandle<O> = TaskHandle<BatchResults<O>>;
 
 /// Runs tasks: the one trait behind every backend.
 ///
@@ -42,11 +42,11 @@ pub trait Executor {
     fn shutdown(&self);
 
     /// Stops accepting work and resolves every queued task's handle with
-    /// [`TaskError::Shutdown`]; running tasks finish. Does not block.
+    /// [`TaskError::Shutdown`](crate::TaskError::Shutdown); running tasks finish. Does not block.
     fn shutdown_now(&self);
 
     /// Submits a task and returns its handle. On an executor that was shut down, the handle
-    /// resolves at once with [`TaskError::Shutdown`] (use [`try_submit`](Self::try_submit) to
+    /// resolves at once with [`TaskError::Shutdown`](crate::TaskError::Shutdown) (use [`try_submit`](Self::try_submit) to
     /// get the task back instead).
     fn submit<T: Task>(&self, task: T) -> TaskHandle<T::Output> {
         match self.try_submit(task) {

@@ -37,6 +37,7 @@
 //! assert_eq!(handle.wait(), Ok(5));
 //! ```
 
+mod batch;
 mod cancel;
 mod error;
 mod executor;
@@ -52,6 +53,7 @@ mod wait;
 
 pub mod backend;
 
+pub use batch::BatchResults;
 pub use cancel::{is_cancelled, CancelFlag};
 pub use error::{SubmitError, TaskError};
 pub use executor::{BatchHandle, Either, Executor};

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::attach::{self, Fd};
-use crate::TaskError;
+use crate::{BatchResults, TaskError};
 
 /// Why a worker could not produce a task's output, as it crosses the process boundary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,15 +71,16 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
     type Output = ();
 
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        // Postcard hands over most numbers as a few bytes of varint: a call to `memcpy` for
-        // those costs more than the copy. Tiny tasks are mostly such numbers.
-        if data.len() <= 16 {
-            self.0.reserve(data.len());
-            for &byte in data {
-                self.0.push(byte);
-            }
-        } else {
-            self.0.extend_from_slice(data);
+        // Postcard hands over most numbers as a few bytes of varint. A copy of unknown length
+        // is a call to `memcpy`, and a loop of `push`es re-reads the length and capacity for
+        // each byte: both cost more than the bytes. A copy of known length is a few moves.
+        let out = &mut *self.0;
+        match *data {
+            [a] => out.push(a),
+            [a, b] => out.extend_from_slice(&[a, b]),
+            [a, b, c] => out.extend_from_slice(&[a, b, c]),
+            [a, b, c, d] => out.extend_from_slice(&[a, b, c, d]),
+            _ => out.extend_from_slice(data),
         }
         Ok(())
     }
@@ -129,38 +130,26 @@ pub fn pack_failures(error: &WireError, count: usize, out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes the `count` results of a packed batch of task `name`. Results that are missing or
-/// do not decode become [`TaskError::Serialization`]: each task gets exactly one result.
+/// The `count` results of a packed batch of task `name`, for the caller to take. Results that
+/// are missing or do not decode become [`TaskError::Serialization`]: each task gets exactly
+/// one result.
 ///
-/// Values in the outputs find their descriptors in `fds` (see [`attach`]).
+/// Results are decoded as they are taken, by whoever takes them, not here: on a pool's I/O
+/// thread, decoding a million tiny results into `Result`s (tens of bytes each) cost more than
+/// the rest of the batch's trip. Outputs that refer to descriptors (see [`attach`]) must find
+/// them while decoding, so those batches are decoded at once.
 pub fn unpack_results<O: DeserializeOwned>(
     name: &'static str,
-    bytes: &[u8],
+    bytes: Vec<u8>,
     fds: &[Fd],
     count: usize,
-) -> Vec<Result<O, TaskError>> {
-    attach::decoding(fds.to_vec(), || unpack_results_here(name, bytes, count)).0
-}
-
-fn unpack_results_here<O: DeserializeOwned>(
-    name: &'static str,
-    bytes: &[u8],
-    count: usize,
-) -> Vec<Result<O, TaskError>> {
-    let mut results = Vec::with_capacity(count);
-    // One decoder over the whole buffer: a new one per result costs as much as the result.
-    let mut decoder = postcard::Deserializer::from_bytes(bytes);
-    while results.len() < count {
-        match take_result::<O>(&mut decoder) {
-            Ok(result) => results.push(result.map_err(|e| e.into_task_error(name))),
-            Err(e) => {
-                // Nothing after an undecodable result can be found: the rest fail alike.
-                let error = TaskError::serialization(name, attach::describe(e));
-                results.resize_with(count, || Err(error.clone()));
-            }
-        }
+) -> BatchResults<O> {
+    let results = BatchResults::packed(name, bytes, count);
+    if fds.is_empty() {
+        return results;
     }
-    results
+    let decoded: Vec<_> = attach::decoding(fds.to_vec(), || results.collect()).0;
+    decoded.into()
 }
 
 // A `Result` in postcard is its variant index (one byte: 0 = `Ok`, 1 = `Err`) and then the
@@ -170,7 +159,7 @@ const OK: u8 = 0;
 const ERR: u8 = 1;
 
 /// Decodes one `Result<O, WireError>` from where `decoder` is.
-fn take_result<'de, O: DeserializeOwned>(
+pub(crate) fn take_result<'de, O: DeserializeOwned>(
     decoder: &mut postcard::Deserializer<'de, postcard::de_flavors::Slice<'de>>,
 ) -> postcard::Result<Result<O, WireError>> {
     match u8::deserialize(&mut *decoder)? {
@@ -234,7 +223,7 @@ pub(crate) fn run_packed<T: crate::Task>(
 }
 
 fn run_packed_here<T: crate::Task>(input: &[u8], count: usize, out: &mut Vec<u8>) -> usize {
-    // One decoder over the whole batch, as for the results (`unpack_results_here`).
+    // One decoder over the whole batch: a new one per task costs as much as a tiny task.
     let mut decoder = postcard::Deserializer::from_bytes(input);
     let mut failed = 0;
     let mut cancelled = false;
@@ -297,15 +286,23 @@ mod tests {
         }
     }
 
+    /// Every result of a packed batch, decoded.
+    fn unpacked<O: DeserializeOwned>(
+        name: &'static str,
+        bytes: &[u8],
+        count: usize,
+    ) -> Vec<Result<O, TaskError>> {
+        let results = unpack_results(name, bytes.to_vec(), &[], count);
+        assert_eq!(results.len(), count, "one result per task");
+        results.collect()
+    }
+
     fn run(tasks: &[Halve]) -> (Vec<Result<u32, TaskError>>, usize) {
         let mut input = Vec::new();
         pack(tasks, &mut input).expect("packs");
         let mut output = Vec::new();
         let failed = run_packed::<Halve>(&input, &[], tasks.len(), &mut output, &mut Vec::new());
-        (
-            unpack_results(Halve::NAME, &output, &[], tasks.len()),
-            failed,
-        )
+        (unpacked(Halve::NAME, &output, tasks.len()), failed)
     }
 
     #[test]
@@ -335,7 +332,7 @@ mod tests {
         let mut output = Vec::new();
         let failed = run_packed::<Halve>(&[0xFF; 3], &[], 4, &mut output, &mut Vec::new());
         assert_eq!(failed, 4);
-        let results = unpack_results::<u32>(Halve::NAME, &output, &[], 4);
+        let results = unpacked::<u32>(Halve::NAME, &output, 4);
         assert_eq!(results.len(), 4);
         assert!(results
             .iter()
@@ -345,7 +342,7 @@ mod tests {
         let mut two = Vec::new();
         encode_into(&Ok::<u32, WireError>(7), &mut two).unwrap();
         encode_into(&Ok::<u32, WireError>(8), &mut two).unwrap();
-        let results = unpack_results::<u32>(Halve::NAME, &two, &[], 3);
+        let results = unpacked::<u32>(Halve::NAME, &two, 3);
         assert_eq!(results[..2], [Ok(7), Ok(8)]);
         assert!(matches!(results[2], Err(TaskError::Serialization { .. })));
     }
@@ -360,6 +357,23 @@ mod tests {
         assert!(results
             .iter()
             .all(|r| matches!(r, Err(TaskError::Cancelled { .. }))));
+    }
+
+    #[test]
+    fn values_are_appended_exactly_as_postcard_writes_them() {
+        // Varints of every length from 1 to 10 bytes, and slices of more than 4 bytes.
+        let numbers: Vec<u64> = (0..64).map(|shift| (1u64 << shift) - 1).collect();
+        let mut out = vec![0xAA];
+        for n in &numbers {
+            encode_into(n, &mut out).unwrap();
+        }
+        encode_into("a string longer than four bytes", &mut out).unwrap();
+        let mut expected = vec![0xAA];
+        for n in &numbers {
+            expected.extend(postcard::to_stdvec(n).unwrap());
+        }
+        expected.extend(postcard::to_stdvec("a string longer than four bytes").unwrap());
+        assert_eq!(out, expected);
     }
 
     #[test]
@@ -415,7 +429,7 @@ mod tests {
         let mut output = Vec::new();
         let failed =
             run_packed::<SlowThenCancel>(&input, &[], tasks.len(), &mut output, &mut Vec::new());
-        let results = unpack_results::<()>(SlowThenCancel::NAME, &output, &[], tasks.len());
+        let results = unpacked::<()>(SlowThenCancel::NAME, &output, tasks.len());
         assert_eq!(failed, 99, "tasks 101.. are cancelled");
         assert!(results[..=100].iter().all(Result::is_ok));
         assert!(results[101..]
@@ -427,7 +441,7 @@ mod tests {
     fn failures_of_a_whole_batch_decode_as_any_output_type() {
         let mut out = Vec::new();
         pack_failures(&WireError::UnknownTask("x".into()), 3, &mut out);
-        let results = unpack_results::<String>("x", &out, &[], 3);
+        let results = unpacked::<String>("x", &out, 3);
         assert!(results
             .iter()
             .all(|r| matches!(r, Err(TaskError::UnknownTask { .. }))));

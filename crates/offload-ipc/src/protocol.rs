@@ -117,6 +117,14 @@ impl Blob {
         }
     }
 
+    /// The bytes, as a `Vec`: moved out when the blob owns them alone, copied otherwise.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self.bytes {
+            Repr::Owned(v) => v,
+            _ => self.as_bytes().to_vec(),
+        }
+    }
+
     /// Runs `decode`, a decode of a message from `frame`, so that the blobs in it keep their
     /// bytes where they are (as ranges of `frame`) instead of copying them out. For large
     /// frames: a task's megabytes are then copied once (into the task), not twice.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use offload_core::backend::Completer;
 use offload_core::backend::{attach, unpack_results};
-use offload_core::{TaskError, TaskHandle};
+use offload_core::{BatchResults, TaskError, TaskHandle};
 use offload_ipc::protocol::{Blob, ToWorker, WireError};
 use serde::de::DeserializeOwned;
 
@@ -186,7 +186,7 @@ impl<T: DeserializeOwned + Send + 'static> Reply for OneReply<T> {
 }
 
 /// The handle of a batch, and how many tasks it holds.
-struct BatchReply<T>(Completer<Vec<Result<T, TaskError>>>, usize);
+struct BatchReply<T>(Completer<BatchResults<T>>, usize);
 
 impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
     fn start(&self) -> bool {
@@ -198,12 +198,10 @@ impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
         let result = match outcome {
             // The worker answers with as many results as it was given tasks; should it not,
             // the missing ones become errors.
-            Outcome::Batch { outputs, .. } => Ok(unpack_results(
-                name,
-                outputs.as_bytes(),
-                outputs.fds(),
-                self.1,
-            )),
+            Outcome::Batch { outputs, .. } => {
+                let fds = outputs.fds().to_vec();
+                Ok(unpack_results(name, outputs.into_vec(), &fds, self.1))
+            }
             Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::One(_) => Err(TaskError::serialization(name, "a single answer to a batch")),
         };
@@ -241,7 +239,7 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     inputs: Blob,
     options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
-) -> (Job, TaskHandle<Vec<Result<T, TaskError>>>) {
+) -> (Job, TaskHandle<BatchResults<T>>) {
     let (completer, handle) = offload_core::backend::pair(name);
     completer.on_cancel(on_cancel);
     let job = Job {

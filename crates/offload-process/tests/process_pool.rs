@@ -531,7 +531,9 @@ fn batch<T: Task>(pool: &ProcessPool, tasks: Vec<T>) -> Vec<Result<T::Output, Ta
     let handle = pool
         .try_submit_batch(tasks)
         .unwrap_or_else(|_| panic!("pool is open"));
-    wait(handle).expect("the batch itself does not fail")
+    wait(handle)
+        .expect("the batch itself does not fail")
+        .collect()
 }
 
 fn a_batch_fails_task_by_task_and_its_worker_keeps_serving() {

@@ -212,7 +212,8 @@ impl Executor for ThreadPool {
                             catch_task_panic(T::NAME, move || task.run())
                         }
                     })
-                    .collect()
+                    .collect::<Vec<_>>()
+                    .into()
             }
         })
         .map_err(SubmitError::shutdown)

@@ -293,11 +293,12 @@ fn a_batch_fails_per_task_and_a_refused_batch_is_given_back() {
             self.0
         }
     }
-    let results = wait(
+    let results: Vec<_> = wait(
         pool.try_submit_batch((0..4).map(MaybePanic).collect())
             .unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .collect();
     assert_eq!(results[0], Ok(0));
     assert_eq!(results[1], Ok(1));
     assert!(results[2].as_ref().unwrap_err().is_panic());

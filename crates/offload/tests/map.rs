@@ -176,3 +176,72 @@ async fn mapping_on_a_shut_down_pool_yields_shutdown_errors_and_ends() {
         .iter()
         .all(|r| r.as_ref().unwrap_err().is_shutdown()));
 }
+
+/// A broken backend: runs each batch on a real pool, then answers with `extra` results more
+/// (or fewer, when negative) than it was given tasks.
+struct MiscountingBatches {
+    inner: offload::ThreadPool,
+    extra: isize,
+}
+
+impl Executor for MiscountingBatches {
+    fn try_submit<T: Task>(&self, task: T) -> Result<TaskHandle<T::Output>, SubmitError<T>> {
+        self.inner.try_submit(task)
+    }
+    fn try_submit_batch<T: Task>(
+        &self,
+        tasks: Vec<T>,
+    ) -> Result<BatchHandle<T::Output>, SubmitError<Vec<T>>> {
+        let mut handle = self.inner.try_submit_batch(tasks)?;
+        let mut results: Vec<_> = handle
+            .wait_timeout(common::LIMIT)
+            .expect("the batch finishes")
+            .expect("the batch runs")
+            .collect();
+        let len = results.len().saturating_add_signed(self.extra);
+        results.resize_with(len, || Ok(results_filler()));
+        Ok(TaskHandle::ready(T::NAME, Ok(results.into())))
+    }
+    fn workers(&self) -> usize {
+        self.inner.workers()
+    }
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+    fn shutdown_now(&self) {
+        self.inner.shutdown_now()
+    }
+}
+
+/// An output no task of this file returns, to invent results with.
+fn results_filler<O: serde::de::DeserializeOwned>() -> O {
+    postcard::from_bytes(&[0; 16]).unwrap()
+}
+
+#[tokio::test]
+async fn a_backend_that_miscounts_a_batch_gives_each_task_exactly_one_result() {
+    for extra in [-1, 1] {
+        let ex = MiscountingBatches {
+            inner: pool(2),
+            extra,
+        };
+        let results: Vec<_> = within(
+            "map",
+            ex.map((0..10).map(|x| Triple { x }))
+                .chunk_size(5)
+                .collect(),
+        )
+        .await;
+        assert_eq!(results.len(), 10, "extra {extra}: one result per task");
+        for (x, result) in results.iter().enumerate() {
+            let last_of_batch = x % 5 == 4;
+            match result {
+                Err(e) if extra < 0 && last_of_batch => {
+                    assert!(e.to_string().contains("wrong number of results"), "{e}");
+                }
+                Ok(y) if extra > 0 || !last_of_batch => assert_eq!(*y, x as u64 * 3),
+                other => panic!("extra {extra}, task {x}: {other:?}"),
+            }
+        }
+    }
+}
