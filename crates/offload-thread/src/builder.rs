@@ -2,6 +2,7 @@
 
 use std::num::NonZeroUsize;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 use std::{fmt, io, thread};
 
 use offload_core::backend::catch_task_panic;
@@ -10,6 +11,10 @@ use crate::pool::{PoolInner, ThreadPool};
 use crate::queue::{run_worker, LiveGuard, Queue};
 
 type Initializer = Arc<dyn Fn() + Send + Sync>;
+
+/// See [`ThreadPoolBuilder::spin`]: 3-7 µs measured alike on two cores; 10 µs slowed round
+/// trips threefold.
+const DEFAULT_SPIN: Duration = Duration::from_micros(5);
 
 /// Configures and builds a [`ThreadPool`].
 ///
@@ -28,6 +33,7 @@ pub struct ThreadPoolBuilder {
     workers: Option<usize>,
     thread_name: String,
     initializer: Option<Initializer>,
+    spin: Duration,
 }
 
 impl Default for ThreadPoolBuilder {
@@ -36,13 +42,14 @@ impl Default for ThreadPoolBuilder {
             workers: None,
             thread_name: "offload-worker".to_owned(),
             initializer: None,
+            spin: DEFAULT_SPIN,
         }
     }
 }
 
 impl ThreadPoolBuilder {
     /// A builder with the defaults: one worker per available CPU, threads named
-    /// `offload-worker-N`, no initializer.
+    /// `offload-worker-N`, no initializer, a spin of 5 µs.
     pub fn new() -> Self {
         ThreadPoolBuilder::default()
     }
@@ -68,6 +75,21 @@ impl ThreadPoolBuilder {
         self
     }
 
+    /// How long a worker that runs out of work keeps looking for more before it sleeps.
+    /// Default: 5 µs.
+    ///
+    /// Waking a sleeping thread costs the submitter a system call (a few µs), so during a
+    /// burst of small tasks a worker that sleeps between tasks makes every submission slow.
+    /// A worker that looks for work a little longer, yielding its CPU between looks, is still
+    /// awake when the next task comes. Longer is not better: on two cores, with 10 µs or more
+    /// the idle workers held the CPUs that a woken caller needed, and a round trip took 16 µs
+    /// instead of 5 (see `docs/benchmarks.md`). `Duration::ZERO` makes idle workers sleep at
+    /// once.
+    pub fn spin(mut self, spin: Duration) -> Self {
+        self.spin = spin;
+        self
+    }
+
     /// Starts the worker threads and waits until each has run the initializer.
     ///
     /// # Errors
@@ -88,6 +110,7 @@ impl ThreadPoolBuilder {
             let queue_for_worker = queue.clone();
             let ready = ready_tx.clone();
             let init = self.initializer.clone();
+            let spin = self.spin;
             queue.add_worker();
             let spawned = thread::Builder::new()
                 .name(format!("{}-{index}", self.thread_name))
@@ -104,7 +127,7 @@ impl ThreadPoolBuilder {
                             e.panic_message().unwrap_or("initializer failed").to_owned()
                         }));
                     if ok {
-                        run_worker(queue);
+                        run_worker(queue, spin);
                     }
                 });
             match spawned {
@@ -160,6 +183,7 @@ impl fmt::Debug for ThreadPoolBuilder {
             .field("workers", &self.workers)
             .field("thread_name", &self.thread_name)
             .field("initializer", &self.initializer.is_some())
+            .field("spin", &self.spin)
             .finish()
     }
 }

@@ -1,8 +1,10 @@
 //! The job queue shared by the pool and its worker threads, and the worker loop.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::job::Job;
 
@@ -14,6 +16,13 @@ pub(crate) struct Queue {
     work: Condvar,
     /// `join` waits here for the last worker to exit.
     exited: Condvar,
+    /// How many jobs are queued, and whether the queue is closed, readable without the lock:
+    /// what an idle worker watches while it spins (see [`Queue::spin`]).
+    queued: AtomicUsize,
+    closed: AtomicBool,
+    /// Times a worker began to spin, for the tests.
+    #[cfg(test)]
+    spins: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -53,6 +62,7 @@ impl Queue {
             return Err(value);
         }
         state.jobs.push_back(make(value));
+        self.queued.store(state.jobs.len(), Ordering::Relaxed);
         let wake = state.idle > state.notified;
         if wake {
             state.notified += 1;
@@ -73,11 +83,13 @@ impl Queue {
     pub(crate) fn close(&self, drop_pending: bool) {
         let mut state = self.lock();
         state.closed = true;
+        self.closed.store(true, Ordering::Relaxed);
         let dropped = if drop_pending {
             std::mem::take(&mut state.jobs)
         } else {
             VecDeque::new()
         };
+        self.queued.store(state.jobs.len(), Ordering::Relaxed);
         drop(state);
         self.work.notify_all();
         // Dropping a job runs user destructors and wakes callers: never under the lock.
@@ -89,14 +101,24 @@ impl Queue {
     }
 
     /// The next job, blocking while the queue is empty; `None` once it is closed and drained.
-    fn next(&self) -> Option<Job> {
+    /// An idle worker first spins for up to `spin` (see [`Queue::spin`]), then sleeps.
+    fn next(&self, spin: Duration) -> Option<Job> {
         let mut state = self.lock();
+        let mut spun = false;
         loop {
             if let Some(job) = state.jobs.pop_front() {
+                self.queued.store(state.jobs.len(), Ordering::Relaxed);
                 return Some(job);
             }
             if state.closed {
                 return None;
+            }
+            if !spun && !spin.is_zero() {
+                spun = true;
+                drop(state);
+                self.spin(spin);
+                state = self.lock();
+                continue;
             }
             state.idle += 1;
             #[cfg(test)]
@@ -110,6 +132,23 @@ impl Queue {
             state.idle -= 1;
             // Spurious wake-ups take no notification; `close` wakes everyone without one.
             state.notified = state.notified.saturating_sub(1);
+            spun = false;
+        }
+    }
+
+    /// Waits for a job (or the close) without sleeping, for up to `spin`: a burst of
+    /// submissions then finds its workers awake instead of paying for a futex wake per job
+    /// (perf: 14% of a submitting thread's time). The worker yields its CPU between looks,
+    /// so on a busy machine the threads with work (the submitter) run first.
+    fn spin(&self, spin: Duration) {
+        #[cfg(test)]
+        self.spins.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + spin;
+        while self.queued.load(Ordering::Relaxed) == 0
+            && !self.closed.load(Ordering::Relaxed)
+            && Instant::now() < deadline
+        {
+            thread::yield_now();
         }
     }
 
@@ -158,8 +197,8 @@ impl Drop for LiveGuard<'_> {
 }
 
 /// A worker thread's life after its initializer: run jobs until the queue closes and drains.
-pub(crate) fn run_worker(queue: &Queue) {
-    while let Some(job) = queue.next() {
+pub(crate) fn run_worker(queue: &Queue, spin: Duration) {
+    while let Some(job) = queue.next(spin) {
         job.run();
     }
 }
@@ -182,7 +221,7 @@ mod tests {
                 queue.add_worker();
                 std::thread::spawn(move || {
                     let _live = LiveGuard(&queue);
-                    run_worker(&queue);
+                    run_worker(&queue, std::time::Duration::ZERO);
                 })
             })
             .collect();
@@ -217,5 +256,57 @@ mod tests {
             wakes <= sleeps,
             "{wakes} wake-ups for {sleeps} sleeps in a burst of 10,000 jobs"
         );
+    }
+
+    #[test]
+    fn a_spinning_worker_takes_a_job_without_a_wake_up_and_stops_spinning_at_close() {
+        let queue = Arc::new(Queue::default());
+        queue.add_worker();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let worker = {
+            let queue = queue.clone();
+            // A spin far longer than the test: only a job or the close can end it.
+            std::thread::spawn(move || {
+                let _live = LiveGuard(&queue);
+                run_worker(&queue, Duration::from_secs(60));
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::yield_now();
+            }
+        };
+        wait_for("the worker did not start spinning", &|| {
+            queue.spins.load(Ordering::SeqCst) == 1
+        });
+        let counter = ran.clone();
+        let pushed = queue.try_push((), move |()| {
+            Job::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+        });
+        assert!(pushed.is_ok());
+        wait_for("the job did not run", &|| ran.load(Ordering::SeqCst) == 1);
+        // The worker spins again, and a close ends that spin at once, not after a minute.
+        wait_for("the worker did not spin again", &|| {
+            queue.spins.load(Ordering::SeqCst) == 2
+        });
+        let (wakes, sleeps) = {
+            let state = queue.lock();
+            (state.wakes, state.sleeps)
+        };
+        assert_eq!(
+            (wakes, sleeps),
+            (0, 0),
+            "a spinning worker needs no wake-up"
+        );
+        queue.close(false);
+        assert!(
+            queue.wait_exited(Some(deadline)),
+            "the close did not end the spin"
+        );
+        worker.join().unwrap();
     }
 }
