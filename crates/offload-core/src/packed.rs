@@ -141,14 +141,14 @@ pub fn pack_failures(error: &WireError, count: usize, out: &mut Vec<u8>) {
 pub fn unpack_results<O: DeserializeOwned>(
     name: &'static str,
     bytes: Vec<u8>,
-    fds: &[Fd],
+    fds: Vec<Fd>,
     count: usize,
 ) -> BatchResults<O> {
     let results = BatchResults::packed(name, bytes, count);
     if fds.is_empty() {
         return results;
     }
-    let decoded: Vec<_> = attach::decoding(fds.to_vec(), || results.collect()).0;
+    let decoded: Vec<_> = attach::decoding(fds, || results.collect()).0;
     decoded.into()
 }
 
@@ -292,7 +292,7 @@ mod tests {
         bytes: &[u8],
         count: usize,
     ) -> Vec<Result<O, TaskError>> {
-        let results = unpack_results(name, bytes.to_vec(), &[], count);
+        let results = unpack_results(name, bytes.to_vec(), Vec::new(), count);
         assert_eq!(results.len(), count, "one result per task");
         results.collect()
     }

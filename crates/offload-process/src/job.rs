@@ -200,7 +200,7 @@ impl<T: DeserializeOwned + Send + 'static> Reply for BatchReply<T> {
             // the missing ones become errors.
             Outcome::Batch { outputs, .. } => {
                 let fds = outputs.fds().to_vec();
-                Ok(unpack_results(name, outputs.into_vec(), &fds, self.1))
+                Ok(unpack_results(name, outputs.into_vec(), fds, self.1))
             }
             Outcome::Failed(failure) => Err(failure.into_error(name, attempts)),
             Outcome::One(_) => Err(TaskError::serialization(name, "a single answer to a batch")),

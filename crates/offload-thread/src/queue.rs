@@ -16,9 +16,11 @@ pub(crate) struct Queue {
     work: Condvar,
     /// `join` waits here for the last worker to exit.
     exited: Condvar,
-    /// How many jobs are queued, and whether the queue is closed, readable without the lock:
-    /// what an idle worker watches while it spins (see [`Queue::spin`]).
+    /// How many jobs are queued, readable without the lock: what an idle worker watches while
+    /// it spins (see [`Queue::spin`]). Written under the lock.
     queued: AtomicUsize,
+    /// Whether the queue is closed. Written under the lock, so that a push or a worker reading
+    /// it under the lock sees the close in order with the jobs; others read a snapshot.
     closed: AtomicBool,
     /// Times a worker began to spin, for the tests.
     #[cfg(test)]
@@ -28,7 +30,6 @@ pub(crate) struct Queue {
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
-    closed: bool,
     /// Workers blocked on `work`: a push only pays for a wake-up when someone sleeps.
     idle: usize,
     /// Wake-ups sent but not yet taken by a worker. A notified worker counts as busy at once,
@@ -58,7 +59,7 @@ impl Queue {
     /// made under the lock so that a closed queue never swallows the value.
     pub(crate) fn try_push<V>(&self, value: V, make: impl FnOnce(V) -> Job) -> Result<(), V> {
         let mut state = self.lock();
-        if state.closed {
+        if self.closed.load(Ordering::Relaxed) {
             return Err(value);
         }
         state.jobs.push_back(make(value));
@@ -82,7 +83,6 @@ impl Queue {
     /// handles with `Shutdown`); otherwise workers finish them and then exit.
     pub(crate) fn close(&self, drop_pending: bool) {
         let mut state = self.lock();
-        state.closed = true;
         self.closed.store(true, Ordering::Relaxed);
         let dropped = if drop_pending {
             std::mem::take(&mut state.jobs)
@@ -97,7 +97,7 @@ impl Queue {
     }
 
     pub(crate) fn is_closed(&self) -> bool {
-        self.lock().closed
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// The next job, blocking while the queue is empty; `None` once it is closed and drained.
@@ -110,7 +110,7 @@ impl Queue {
                 self.queued.store(state.jobs.len(), Ordering::Relaxed);
                 return Some(job);
             }
-            if state.closed {
+            if self.closed.load(Ordering::Relaxed) {
                 return None;
             }
             if !spun && !spin.is_zero() {
