@@ -6,6 +6,7 @@
 //! carry an `id` chosen by the parent; a worker answers each `Run`, `RunInSegment` and
 //! `RunBatch` exactly once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use offload_core::backend::attach::{self, Fd};
@@ -37,7 +38,9 @@ pub fn build_id() -> String {
 /// Owned by default (what a worker decodes and produces: no extra allocation). The pool
 /// makes its payloads [`shared`](Blob::shared), so it can keep a request's bytes until the
 /// request completes (to run it again if its worker is replaced) and still send them
-/// without a copy.
+/// without a copy. Up to [`INLINE_MAX`] bytes are kept in the blob itself
+/// ([`copied`](Blob::copied), and every blob decoded that short): most tiny tasks' inputs
+/// and outputs are a few bytes, and then neither end allocates for them.
 #[derive(Clone, Default)]
 pub struct Blob {
     bytes: Repr,
@@ -45,8 +48,15 @@ pub struct Blob {
     fds: Option<Arc<[Fd]>>,
 }
 
+/// Blobs of at most this many bytes keep them inline (see [`Blob::copied`]): enough for a few
+/// numbers, and the most that keeps a `Blob` as small as a `Vec` makes it (with 16 or more,
+/// every `Blob`, and every message and job holding one, grows by 8 bytes).
+pub const INLINE_MAX: usize = 15;
+
 #[derive(Clone)]
 enum Repr {
+    /// The first `len` bytes of the array.
+    Inline(u8, [u8; INLINE_MAX]),
     Owned(Vec<u8>),
     Shared(Arc<Vec<u8>>),
     /// Part of a large frame's buffer, decoded in place (see [`Blob::decode_in_place`]): its
@@ -71,6 +81,30 @@ impl Blob {
         Blob {
             bytes: Repr::Owned(bytes),
             fds: None,
+        }
+    }
+
+    /// A copy of `bytes`: inline when they are at most [`INLINE_MAX`] long (no allocation,
+    /// and cloning copies those few bytes), owned otherwise.
+    pub fn copied(bytes: &[u8]) -> Self {
+        let bytes = if bytes.len() <= INLINE_MAX {
+            let mut inline = [0; INLINE_MAX];
+            inline[..bytes.len()].copy_from_slice(bytes);
+            // At most INLINE_MAX, which fits a u8.
+            Repr::Inline(bytes.len() as u8, inline)
+        } else {
+            Repr::Owned(bytes.to_vec())
+        };
+        Blob { bytes, fds: None }
+    }
+
+    /// A copy of `bytes` to share: inline when they are at most [`INLINE_MAX`] long, else
+    /// [`shared`](Self::shared) (one allocation of their size).
+    pub fn shared_copy(bytes: &[u8]) -> Self {
+        if bytes.len() <= INLINE_MAX {
+            Blob::copied(bytes)
+        } else {
+            Blob::shared(bytes.to_vec())
         }
     }
 
@@ -109,6 +143,7 @@ impl Blob {
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
         match &self.bytes {
+            Repr::Inline(len, bytes) => bytes.get(..*len as usize).unwrap_or_default(),
             Repr::Owned(v) => v,
             Repr::Shared(v) => v,
             Repr::Slice(v, start, end) => v.get(*start as usize..*end as usize).unwrap_or_default(),
@@ -135,8 +170,12 @@ impl Blob {
         result
     }
 
-    /// A blob of `bytes`, as a range of the frame being decoded in place when they lie in it.
+    /// A blob of `bytes`, as a range of the frame being decoded in place when they lie in it
+    /// (unless they are short enough to keep inline).
     fn from_decoded(bytes: &[u8]) -> Blob {
+        if bytes.len() <= INLINE_MAX {
+            return Blob::copied(bytes);
+        }
         let in_frame = FRAME.with_borrow(|frame| {
             let frame = frame.as_ref()?;
             let base = frame.as_ptr() as usize;
@@ -156,7 +195,7 @@ impl Blob {
                 bytes: Repr::Slice(frame, start, end),
                 fds: None,
             },
-            None => Blob::new(bytes.to_vec()),
+            None => Blob::copied(bytes),
         }
     }
 
@@ -285,7 +324,7 @@ impl<'de> Deserialize<'de> for BlobBytes {
                 Ok(BlobBytes(Blob::from_decoded(v)))
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-                Ok(BlobBytes(Blob::new(v.to_vec())))
+                Ok(BlobBytes(Blob::copied(v)))
             }
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
                 Ok(BlobBytes(Blob::new(v)))
@@ -353,8 +392,8 @@ pub enum ToWorker {
     Run {
         /// Request id.
         id: u64,
-        /// The task's registered name.
-        task: String,
+        /// The task's registered name (borrowed when sent: no allocation per request).
+        task: Cow<'static, str>,
         /// The task, postcard-encoded.
         input: Blob,
     },
@@ -363,8 +402,8 @@ pub enum ToWorker {
     RunInSegment {
         /// Request id.
         id: u64,
-        /// The task's registered name.
-        task: String,
+        /// The task's registered name (borrowed when sent: no allocation per request).
+        task: Cow<'static, str>,
         /// The connection's slot that holds the input.
         slot: u32,
         /// The slot's new segment, when the parent made one (the worker keeps it mapped
@@ -380,7 +419,7 @@ pub enum ToWorker {
         /// Request id.
         id: u64,
         /// The tasks' registered name.
-        task: String,
+        task: Cow<'static, str>,
         /// How many tasks `inputs` holds.
         count: u32,
         /// The tasks, postcard-encoded back to back (see [`offload_core::backend::pack`]).
@@ -488,6 +527,40 @@ mod tests {
         assert_eq!(decoder.next_message::<ToParent>().unwrap(), Some(hello));
     }
 
+    /// A tiny task's bytes live in the blob itself, whichever way it was made, and come out
+    /// as they went in; one byte more and they are allocated.
+    #[test]
+    fn short_blobs_are_inline_and_longer_ones_are_not() {
+        for len in [0, 1, 9, INLINE_MAX, INLINE_MAX + 1, 100] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8 ^ 0x5a).collect();
+            let inline = len <= INLINE_MAX;
+            for blob in [Blob::copied(&bytes), Blob::shared_copy(&bytes)] {
+                assert_eq!(blob.as_bytes(), bytes);
+                assert_eq!(blob.clone().into_vec(), bytes);
+                assert_eq!(
+                    matches!(blob.bytes, Repr::Inline(..)),
+                    inline,
+                    "{len} bytes"
+                );
+            }
+            // Decoded from a frame decoded in place: short ones do not keep the frame.
+            let wire = postcard::to_stdvec(&Blob::new(bytes.clone())).unwrap();
+            let frame = Arc::new(wire);
+            let decoded =
+                Blob::decode_in_place(&frame, || postcard::from_bytes::<Blob>(&frame).unwrap());
+            assert_eq!(decoded.as_bytes(), bytes);
+            assert_eq!(matches!(decoded.bytes, Repr::Inline(..)), inline);
+            assert_eq!(Arc::strong_count(&frame), if inline { 1 } else { 2 });
+        }
+        assert!(
+            matches!(
+                Blob::shared_copy(&[1; INLINE_MAX + 1]).bytes,
+                Repr::Shared(_)
+            ),
+            "a longer copy to share is shared, not copied on every clone"
+        );
+    }
+
     #[test]
     fn a_large_frame_s_blob_keeps_its_bytes_in_the_frame_and_what_follows_survives() {
         let big = ToWorker::Run {
@@ -541,4 +614,8 @@ mod tests {
         );
         assert_eq!(format!("{:?}", Blob::new(vec![1, 2, 3])), "Blob(3 bytes)");
     }
+}
+#[test]
+fn zz_sizes() {
+    eprintln!("blob {} repr {}", std::mem::size_of::<Blob>(), std::mem::size_of::<Repr>());
 }

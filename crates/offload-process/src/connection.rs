@@ -4,6 +4,7 @@
 //! [`HELLO_MAX`] bytes and must arrive within [`HANDSHAKE_TIMEOUT`], and a wrong token closes
 //! the connection without an answer.
 
+use std::collections::VecDeque;
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ pub(crate) enum Event {
     /// in `lane.unwritten`), or let callers write to it through `lane`.
     Connected {
         pid: u32,
-        writer: UnboundedSender<ToWorker>,
+        writer: UnboundedSender<Outgoing>,
         lane: Arc<Lane>,
     },
     /// One of our workers failed the handshake (e.g. another build of offload).
@@ -47,6 +48,12 @@ pub(crate) enum Event {
     Message {
         pid: u32,
         message: ToParent,
+    },
+    /// Several frames from a worker, in the order it wrote them (what one look at its
+    /// connection found).
+    Messages {
+        pid: u32,
+        messages: Vec<ToParent>,
     },
     /// A caller read the answer to a request it wrote to this worker and finished it (see
     /// `lane::help_wait`): sent in elastic pools, which time how long a worker idles.
@@ -266,25 +273,52 @@ async fn write_one(stream: &Socket, message: &ToWorker) -> std::io::Result<()> {
 /// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
 /// socket fails (the reader then reports the disconnect). Each message written in full is
 /// taken off `lane.unwritten`.
+/// What the scheduler hands a connection's writer: one message, or several (its turn's
+/// requests for this worker: one channel operation for all of them).
+pub(crate) enum Outgoing {
+    One(ToWorker),
+    Many(Vec<ToWorker>),
+}
+
+impl Outgoing {
+    /// How many messages.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Outgoing::One(_) => 1,
+            Outgoing::Many(messages) => messages.len(),
+        }
+    }
+
+    fn queue_into(self, pending: &mut VecDeque<ToWorker>) {
+        match self {
+            Outgoing::One(message) => pending.push_back(message),
+            Outgoing::Many(messages) => pending.extend(messages),
+        }
+    }
+}
+
 async fn write_loop(
     stream: Arc<Socket>,
-    mut outgoing: UnboundedReceiver<ToWorker>,
+    mut outgoing: UnboundedReceiver<Outgoing>,
     lane: Arc<Lane>,
     max_frame: usize,
     pid: u32,
 ) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut fds = Vec::new();
-    while let Some(first) = outgoing.recv().await {
+    let mut pending = VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match outgoing.recv().await {
+                Some(more) => more.queue_into(&mut pending),
+                None => return,
+            }
+        }
         buf.clear();
         fds.clear();
         let mut count = 0;
-        // A request with a large input is written on its own, after what is batched before
-        // it, its input straight from the request (`frame::encode_split`).
         let mut large = None;
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            // A large input goes into shared memory if it can, and the request is then small.
+        while let Some(message) = pending.pop_front() {
             let message = lane.reader.segments.place(message);
             if has_large_input(&message) {
                 large = Some(message);
@@ -292,15 +326,18 @@ async fn write_loop(
             }
             encode(&message, &mut buf, &mut fds, max_frame, pid);
             count += 1;
-            if buf.len() < WRITE_BATCH {
-                next = outgoing.try_recv().ok();
+            if buf.len() >= WRITE_BATCH {
+                break;
+            }
+            if pending.is_empty() {
+                if let Ok(more) = outgoing.try_recv() {
+                    more.queue_into(&mut pending);
+                }
             }
         }
         lane.wait_for_caller().await;
         if count > 0 {
             let written = stream.write_all(&buf, &fds).await;
-            // Sent: the worker has its own copies now. Holding ours until the next message
-            // would pin a finished task's shared memory for as long as this worker idles.
             fds.clear();
             if written.is_err() {
                 return;
@@ -321,7 +358,6 @@ async fn write_loop(
     }
 }
 
-/// True for a request whose input is large enough to be written from where it is.
 fn has_large_input(message: &ToWorker) -> bool {
     matches!(message, ToWorker::Run { input, .. } if input.len() >= frame::SPLIT_MIN)
 }

@@ -1,6 +1,8 @@
 //! A submitted task on its way through the pool, with its type erased: the scheduler moves
 //! bytes, and only the [`Reply`] knows the output type to decode.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use offload_core::backend::Completer;
@@ -11,6 +13,36 @@ use serde::de::DeserializeOwned;
 
 /// Identifies a request on the wire; unique within a pool.
 pub(crate) type RequestId = u64;
+
+/// A map keyed by request ids or process ids, hashed with one multiply. Both kinds of key are
+/// the pool's own or the kernel's, never chosen by an adversary, so std's SipHash (which
+/// resists chosen keys) buys nothing here, and the scheduler hashes several times per answer.
+pub(crate) type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// The hasher of [`IdMap`]: a multiply by an odd constant (as `FxHash`), which spreads
+/// consecutive ids over a table's buckets and gives its top bits a mix of all of the key.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
 
 /// The task(s) of a job, encoded. Cloning shares the bytes: a job keeps its payload until it
 /// completes, to run it again if its worker is replaced before it started (or, with retries,
@@ -127,12 +159,12 @@ impl Job {
         match &self.payload {
             Payload::One(input) => ToWorker::Run {
                 id: self.id,
-                task: self.name.to_owned(),
+                task: self.name.into(),
                 input: input.clone(),
             },
             Payload::Batch { count, inputs } => ToWorker::RunBatch {
                 id: self.id,
-                task: self.name.to_owned(),
+                task: self.name.into(),
                 count: *count,
                 inputs: inputs.clone(),
             },

@@ -27,6 +27,26 @@ thread_local! {
     /// that go with it.
     static FRAME: std::cell::RefCell<(Vec<u8>, Vec<Fd>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Where a caller encodes a task (see `ProcessPool::encode`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most capacity a caller's scratch buffer keeps between tasks.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// A task's encoded bytes: in a buffer of its own, or already copied out of the scratch buffer.
+enum Encoded {
+    Spare(Vec<u8>),
+    Small(Blob),
+}
+
+impl Encoded {
+    fn len(&self) -> usize {
+        match self {
+            Encoded::Spare(bytes) => bytes.len(),
+            Encoded::Small(blob) => blob.len(),
+        }
+    }
 }
 
 /// A pool of worker processes that run [tasks](Task).
@@ -155,8 +175,7 @@ impl ProcessPool {
             return Ok(handle);
         }
         let input = match self.encode(&task) {
-            // Shared: the job keeps it while it runs, and sending it must not copy it.
-            Ok((input, fds)) => self.share(input).with_fds(fds),
+            Ok(input) => input,
             Err(e) => return Ok(TaskHandle::ready(T::NAME, Err(e))),
         };
         let id = self.next_id();
@@ -259,42 +278,42 @@ impl ProcessPool {
         let _ = self.inner.commands.send(Command::Submit(job));
     }
 
-    /// A request's encoded bytes, to share between the job and its writes; a large buffer
-    /// goes back to the pool's spares when the job is done with it.
-    fn share(&self, bytes: Vec<u8>) -> Blob {
-        if bytes.capacity() >= RECYCLE_MIN {
-            Blob::recycled(bytes, &self.inner.recycler)
-        } else {
-            Blob::shared(bytes)
-        }
-    }
-
-    /// Encodes a task, with the descriptors of values in it that travel beside the bytes.
-    /// Into a spare buffer, when the pool keeps one (it has run large tasks): see `recycle`.
-    fn encode<T: Task>(&self, task: &T) -> Result<(Vec<u8>, Vec<Fd>), TaskError> {
+    /// Encodes a task, with the descriptors of values in it that travel beside the bytes, as
+    /// the blob the job keeps and its writes share. A large task is encoded into a spare
+    /// buffer, when the pool keeps one (it has run large tasks: see `recycle`), and that
+    /// buffer goes back to the spares when the job is done with it. Any other is encoded into
+    /// this thread's scratch buffer and copied out at its size: inline in the blob when it
+    /// is a few bytes (a tiny task then costs no allocation for its input), else into one
+    /// allocation, without the reallocations of growing a fresh `Vec`.
+    fn encode<T: Task>(&self, task: &T) -> Result<Blob, TaskError> {
         let (bytes, fds) = match self.inner.recycler.take() {
             Some(mut spare) => {
                 let (encoded, fds) = attach::collecting(|| backend::encode_into(task, &mut spare));
-                let bytes = match encoded {
-                    // A small task: its bytes are copied out, and the buffer kept for a
-                    // large one.
-                    Ok(()) if spare.len() < RECYCLE_MIN => {
-                        let bytes = spare.clone();
-                        self.inner.recycler.put(spare);
-                        Ok(bytes)
-                    }
-                    Ok(()) => Ok(spare),
+                let encoded = match encoded {
+                    Ok(()) => Ok(Encoded::Spare(spare)),
                     Err(e) => {
                         self.inner.recycler.put(spare);
                         Err(e)
                     }
                 };
-                (bytes, fds)
+                (encoded, fds)
             }
-            None => match attach::encode_with_fds(task) {
-                Ok((bytes, fds)) => (Ok(bytes), fds),
-                Err(e) => (Err(e), Vec::new()),
-            },
+            None => SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                let (encoded, fds) = attach::collecting(|| backend::encode_into(task, scratch));
+                let encoded = encoded.map(|()| {
+                    if scratch.len() >= RECYCLE_MIN {
+                        // Too large to keep as scratch: it becomes the request's buffer.
+                        Encoded::Spare(std::mem::take(scratch))
+                    } else {
+                        Encoded::Small(Blob::shared_copy(scratch))
+                    }
+                });
+                if scratch.capacity() > SCRATCH_KEEP {
+                    *scratch = Vec::new();
+                }
+                (encoded, fds)
+            }),
         };
         let bytes = bytes.map_err(|e| TaskError::serialization(T::NAME, e))?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);
@@ -312,11 +331,24 @@ impl ProcessPool {
             ))
         });
         if let Err(e) = refused {
-            // A large buffer serves the next task instead.
-            self.inner.recycler.put(bytes);
+            if let Encoded::Spare(spare) = bytes {
+                // It serves the next task instead.
+                self.inner.recycler.put(spare);
+            }
             return Err(e);
         }
-        Ok((bytes, fds))
+        let blob = match bytes {
+            // A small task in a spare buffer: its bytes are copied out, and the buffer kept
+            // for a large one.
+            Encoded::Spare(spare) if spare.len() < RECYCLE_MIN => {
+                let blob = Blob::shared_copy(&spare);
+                self.inner.recycler.put(spare);
+                blob
+            }
+            Encoded::Spare(spare) => Blob::recycled(spare, &self.inner.recycler),
+            Encoded::Small(blob) => blob,
+        };
+        Ok(blob.with_fds(fds))
     }
 }
 

@@ -169,26 +169,33 @@ impl SharedReader {
                 "the pool lost its watch on the socket".to_owned(),
             ));
         }
-        loop {
+        // Handed on together when the reading stops, still under the lock (callers hand on
+        // frames under it too, so the scheduler gets them in order): one event per look
+        // instead of one per frame, which a burst of answers made most of this thread's work.
+        let mut batch = Vec::new();
+        let drained = loop {
             match self.next_message(&mut state) {
                 Ok(Some(message)) => {
-                    if self.send(message).is_err() {
-                        return Drained::Ended(End::Eof);
-                    }
+                    self.note_handed_on(&message);
+                    batch.push(message);
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => return Drained::Ended(End::Failed(e)),
+                Err(e) => break Drained::Ended(End::Failed(e)),
             }
             if let Some(end) = state.ended.take() {
-                return Drained::Ended(end);
+                break Drained::Ended(end);
             }
             match self.recv(&mut state, true) {
                 Ok(true) => {}
-                Ok(false) => return Drained::Empty,
-                Err(end) => return Drained::Ended(end),
+                Ok(false) => break Drained::Empty,
+                Err(end) => break Drained::Ended(end),
             }
+        };
+        if self.send_all(batch).is_err() {
+            return Drained::Ended(End::Eof);
         }
+        drained
     }
 
     /// For a caller blocked on request `id`, which it wrote to this worker: reads until its
@@ -558,15 +565,40 @@ impl SharedReader {
 
     /// Hands `message` to the scheduler (noting the id of an answer: see `handed_on`).
     fn send(&self, message: ToParent) -> Result<(), ()> {
-        if let ToParent::Done { id, .. } = &message {
-            self.handed_on.store(*id, Ordering::Release);
-        }
+        self.note_handed_on(&message);
         self.events
             .send(Event::Message {
                 pid: self.pid,
                 message,
             })
             .map_err(|_| ())
+    }
+
+    /// Hands `messages` to the scheduler in one event (one alone as it is), for a reader
+    /// that noted each as handed on.
+    fn send_all(&self, mut messages: Vec<ToParent>) -> Result<(), ()> {
+        let event = match messages.len() {
+            0 => return Ok(()),
+            1 => match messages.pop() {
+                Some(message) => Event::Message {
+                    pid: self.pid,
+                    message,
+                },
+                None => return Ok(()),
+            },
+            _ => Event::Messages {
+                pid: self.pid,
+                messages,
+            },
+        };
+        self.events.send(event).map_err(|_| ())
+    }
+
+    /// Notes the id of an answer about to be handed on: see `handed_on`.
+    fn note_handed_on(&self, message: &ToParent) {
+        if let ToParent::Done { id, .. } = message {
+            self.handed_on.store(*id, Ordering::Release);
+        }
     }
 
     /// For the I/O thread, after the socket woke it: the next read looks at the socket.
@@ -700,22 +732,32 @@ mod tests {
         (reader, peer, received)
     }
 
-    fn forwarded(received: &mut UnboundedReceiver<Event>) -> Vec<String> {
+    /// The frames the scheduler got, in order, with the worker's pid (one event may carry
+    /// several); `other` for any other event.
+    fn frames(received: &mut UnboundedReceiver<Event>) -> Vec<Option<(u32, ToParent)>> {
         let mut out = Vec::new();
         while let Ok(event) = received.try_recv() {
             match event {
-                Event::Message {
-                    pid: 5,
-                    message: ToParent::Done { id, .. },
-                } => out.push(format!("done {id}")),
-                Event::Message {
-                    pid: 5,
-                    message: ToParent::Log(record),
-                } => out.push(format!("log {}", record.message)),
-                _ => out.push("other".into()),
+                Event::Message { pid, message } => out.push(Some((pid, message))),
+                Event::Messages { pid, messages } => {
+                    assert!(messages.len() > 1, "a lone frame goes as a Message");
+                    out.extend(messages.into_iter().map(|m| Some((pid, m))));
+                }
+                _ => out.push(None),
             }
         }
         out
+    }
+
+    fn forwarded(received: &mut UnboundedReceiver<Event>) -> Vec<String> {
+        frames(received)
+            .into_iter()
+            .map(|frame| match frame {
+                Some((5, ToParent::Done { id, .. })) => format!("done {id}"),
+                Some((5, ToParent::Log(record))) => format!("log {}", record.message),
+                _ => "other".into(),
+            })
+            .collect()
     }
 
     fn soon() -> Option<Instant> {
@@ -964,12 +1006,9 @@ mod tests {
                 Drained::Empty | Drained::Busy => {}
             }
             // Everything the scheduler would see must decode, descriptors included.
-            while let Ok(event) = received.try_recv() {
-                match event {
-                    Event::Message {
-                        message: ToParent::Done { output, .. },
-                        ..
-                    } => {
+            for frame in frames(received) {
+                match frame {
+                    Some((_, ToParent::Done { output, .. })) => {
                         assert_eq!(output.unwrap().fds().len(), 2);
                         got += 1;
                     }
@@ -1026,6 +1065,29 @@ mod tests {
         };
         assert!(matches!(ended, End::Eof));
         assert_eq!(forwarded(&mut received), ["done 1", "done 2"]);
+    }
+
+    /// What one look at the connection finds reaches the scheduler as one event, in the order
+    /// the worker wrote it: a burst of answers costs one channel operation, not one each.
+    #[test]
+    fn one_look_hands_on_its_frames_in_one_event_in_order() {
+        let (reader, mut producer, peer, mut received) = setup_ring();
+        for id in 1..=3 {
+            publish(&mut producer, &peer, &done(id, 1));
+        }
+        assert!(matches!(reader.drain(), Drained::Empty));
+        let Ok(Event::Messages { pid: 5, messages }) = received.try_recv() else {
+            panic!("not one event of several frames");
+        };
+        let ids: Vec<u64> = messages
+            .iter()
+            .map(|m| match m {
+                ToParent::Done { id, .. } => *id,
+                _ => panic!("not an answer"),
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert!(received.try_recv().is_err(), "a second event");
     }
 
     /// With a ring the socket carries one-byte signals only: anything else is not the

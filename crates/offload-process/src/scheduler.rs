@@ -14,7 +14,7 @@
 //! its connection (from its reader) have arrived: results it wrote before dying must be read
 //! before its remaining requests are judged lost.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
@@ -25,9 +25,9 @@ use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
 use offload_ipc::recycle::Recycler;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::connection::Event;
+use crate::connection::{Event, Outgoing};
 use crate::forward;
-use crate::job::{Failure, Initializer, Job, Outcome, RequestId};
+use crate::job::{Failure, IdMap, Initializer, Job, Outcome, RequestId};
 use crate::lane::{Direct, Lane, Lanes};
 use crate::segments;
 use crate::spawner::{self, Killer};
@@ -100,7 +100,7 @@ const WORKER_START_FAILURE: [i32; 2] = [70, 71];
 
 struct Worker {
     /// `None` until the handshake, and again once the connection ended.
-    writer: Option<UnboundedSender<ToWorker>>,
+    writer: Option<UnboundedSender<Outgoing>>,
     /// Where callers write requests straight to the worker while it is idle; `None` when
     /// `writer` is.
     lane: Option<Arc<Lane>>,
@@ -148,8 +148,8 @@ pub(crate) struct Scheduler {
     settings: Settings,
     events: UnboundedSender<Event>,
     queue: VecDeque<Job>,
-    in_flight: HashMap<RequestId, (u32, Job)>,
-    workers: HashMap<u32, Worker>,
+    in_flight: IdMap<RequestId, (u32, Job)>,
+    workers: IdMap<u32, Worker>,
     shutdown: Option<bool>,
     start_failures: u32,
     /// Why the last worker failed to start, for the error a user sees.
@@ -181,8 +181,8 @@ impl Scheduler {
             settings,
             events,
             queue: VecDeque::new(),
-            in_flight: HashMap::new(),
-            workers: HashMap::new(),
+            in_flight: IdMap::default(),
+            workers: IdMap::default(),
             shutdown: None,
             start_failures: 0,
             last_start_error: None,
@@ -328,6 +328,11 @@ impl Scheduler {
                 }
             }
             Event::Message { pid, message } => self.on_message(pid, message),
+            Event::Messages { pid, messages } => {
+                for message in messages {
+                    self.on_message(pid, message);
+                }
+            }
             Event::Disconnected { pid, closed } => {
                 // A caller may have written to the worker's lane since `adopt_all` looked:
                 // that request is the worker's too, and is settled with its end (removing the
@@ -420,7 +425,7 @@ impl Scheduler {
         );
     }
 
-    fn on_connected(&mut self, pid: u32, writer: UnboundedSender<ToWorker>, lane: Arc<Lane>) {
+    fn on_connected(&mut self, pid: u32, writer: UnboundedSender<Outgoing>, lane: Arc<Lane>) {
         let Some(worker) = self.workers.get_mut(&pid) else {
             tracing::warn!(
                 worker.pid = pid,
@@ -442,7 +447,7 @@ impl Scheduler {
             worker.init = Some(id);
             let message = ToWorker::Run {
                 id,
-                task: init.name.to_owned(),
+                task: init.name.into(),
                 input: init.input.clone(),
             };
             self.send_to(pid, message);
@@ -517,9 +522,11 @@ impl Scheduler {
             return;
         };
         worker.sent.remove(position);
+        // One reading of the clock per answer: the end of this request, the start of the next.
+        let now = tokio::time::Instant::now();
         if position == 0 {
             if let Some(since) = worker.front_since.take() {
-                let took = since.elapsed();
+                let took = now.saturating_duration_since(since);
                 self.service_time = Some(match self.service_time {
                     None => took,
                     Some(avg) => (avg * 7 + took) / 8,
@@ -539,7 +546,7 @@ impl Scheduler {
             }
             self.settled.push((job, outcome));
         }
-        self.arm_front(pid);
+        self.arm_front(pid, now);
         self.recycle_if_due(pid);
         self.note_if_idle(pid);
     }
@@ -655,15 +662,15 @@ impl Scheduler {
         }
     }
 
-    /// Starts the timeout of the request now at the front of a worker (now running).
-    fn arm_front(&mut self, pid: u32) {
+    /// Starts the timeout of the request now at the front of a worker (running since `now`).
+    fn arm_front(&mut self, pid: u32, now: tokio::time::Instant) {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
         let Some(&id) = worker.sent.front() else {
             return;
         };
-        worker.front_since = Some(tokio::time::Instant::now());
+        worker.front_since = Some(now);
         if let Some(timeout) = self.in_flight.get(&id).and_then(|(_, j)| j.options.timeout) {
             self.after(timeout, Event::Deadline { pid, id, timeout });
         }
@@ -733,14 +740,20 @@ impl Scheduler {
     /// wire.
     fn send_to(&mut self, pid: u32, message: ToWorker) {
         self.adopt(pid);
+        self.hand_to_writer(pid, Outgoing::One(message));
+    }
+
+    /// Hands `outgoing` to worker `pid`'s writer; its lane must be closed (see `send_to`).
+    fn hand_to_writer(&self, pid: u32, outgoing: Outgoing) {
         let Some(worker) = self.workers.get(&pid) else {
             return;
         };
         if let (Some(writer), Some(lane)) = (&worker.writer, &worker.lane) {
-            lane.unwritten.fetch_add(1, Ordering::AcqRel);
-            if writer.send(message).is_err() {
+            let count = outgoing.len();
+            lane.unwritten.fetch_add(count, Ordering::AcqRel);
+            if writer.send(outgoing).is_err() {
                 // The connection is dying; its end is on its way.
-                lane.unwritten.fetch_sub(1, Ordering::AcqRel);
+                lane.unwritten.fetch_sub(count, Ordering::AcqRel);
             }
         }
     }
@@ -966,6 +979,8 @@ impl Scheduler {
         }
         let window = self.window();
         let max = self.settings.max_requests_per_worker;
+        // Each worker's requests, handed to its writer together at the end.
+        let mut batches: Vec<(u32, Vec<ToWorker>)> = Vec::new();
         while !self.queue.is_empty() {
             let Some((&pid, _)) = self
                 .workers
@@ -981,21 +996,40 @@ impl Scheduler {
             if !job.reply.start() {
                 continue; // cancelled while queued; its handle is already resolved
             }
-            let message = job.request();
+            let slot = match batches.iter().position(|(p, _)| *p == pid) {
+                Some(slot) => slot,
+                None => {
+                    // Closes the lane first, so a request a caller wrote there comes first in
+                    // `sent`, as on the wire. (It stays closed until `open_lanes`, after
+                    // this.)
+                    self.adopt(pid);
+                    batches.push((pid, Vec::new()));
+                    batches.len() - 1
+                }
+            };
+            batches[slot].1.push(job.request());
             let id = job.id;
-            // Closes the lane first, so a request a caller wrote there comes first in `sent`,
-            // as on the wire. A closed writer means the connection is dying: the job stays on
-            // this worker and is settled with its exit, like any job it held.
-            self.send_to(pid, message);
+            // A closed writer means the connection is dying: the job stays on this worker
+            // and is settled with its exit, like any job it held.
             self.in_flight.insert(id, (pid, job));
             if let Some(worker) = self.workers.get_mut(&pid) {
                 worker.sent.push_back(id);
                 worker.served += 1;
                 worker.idle_since = None;
                 if worker.sent.len() == 1 {
-                    self.arm_front(pid);
+                    self.arm_front(pid, tokio::time::Instant::now());
                 }
             }
+        }
+        for (pid, mut batch) in batches {
+            let outgoing = match batch.len() {
+                1 => match batch.pop() {
+                    Some(message) => Outgoing::One(message),
+                    None => continue,
+                },
+                _ => Outgoing::Many(batch),
+            };
+            self.hand_to_writer(pid, outgoing);
         }
         self.grow();
     }
@@ -1078,7 +1112,7 @@ fn adopt_into(
     pid: u32,
     worker: &mut Worker,
     lanes: &Lanes,
-    in_flight: &mut HashMap<RequestId, (u32, Job)>,
+    in_flight: &mut IdMap<RequestId, (u32, Job)>,
 ) {
     let Some(lane) = &worker.lane else {
         return;

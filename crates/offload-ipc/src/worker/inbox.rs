@@ -8,6 +8,7 @@
 //! that asks for it. A task that never asks is killed by the pool once its cancel grace period
 //! is over; requests that arrive meanwhile wait in the socket until the runner is free.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,20 +28,20 @@ const CANCEL_POLL: Duration = Duration::from_micros(50);
 pub(super) enum Request {
     One {
         id: u64,
-        task: String,
+        task: Cow<'static, str>,
         input: Blob,
     },
     /// A task whose input is in a slot's segment (see [`crate::segment`]).
     InSegment {
         id: u64,
-        task: String,
+        task: Cow<'static, str>,
         slot: u32,
         len: u64,
         fds: Blob,
     },
     Batch {
         id: u64,
-        task: String,
+        task: Cow<'static, str>,
         count: u32,
         inputs: Blob,
     },
