@@ -57,7 +57,20 @@ pub fn map_segment(fd: Fd, len: usize) -> std::io::Result<crate::SharedBuf> {
 
 /// Creates a queued task's handle and its completer. `name` is the task's name, for errors.
 pub fn pair<T>(name: &'static str) -> (Completer<T>, TaskHandle<T>) {
-    let shared = Arc::new(Shared::new(name, Status::Queued));
+    paired(Shared::new(name, Status::Queued))
+}
+
+/// Like [`pair`], with `hook` registered as by [`Completer::on_cancel`] (without taking the
+/// handle's lock for it).
+pub fn pair_with_cancel<T>(
+    name: &'static str,
+    hook: impl FnOnce() + Send + 'static,
+) -> (Completer<T>, TaskHandle<T>) {
+    paired(Shared::new(name, Status::Queued).with_on_cancel(Box::new(hook)))
+}
+
+fn paired<T>(shared: Shared<T>) -> (Completer<T>, TaskHandle<T>) {
+    let shared = Arc::new(shared);
     (
         Completer {
             shared: Some(shared.clone()),
@@ -145,7 +158,9 @@ impl<T> Completer<T> {
     }
 
     /// Registers `hook`, run once if the caller cancels the task before it completes (at once,
-    /// if it was already cancelled). Backends that can stop running work use it.
+    /// if it was already cancelled). Backends that can stop running work use it. Unless it
+    /// runs, it is dropped with the task's shared state, once both the handle and this
+    /// completer are gone (not when the task completes): it should hold little.
     pub fn on_cancel(&self, hook: impl FnOnce() + Send + 'static) {
         self.shared().set_on_cancel(Box::new(hook));
     }

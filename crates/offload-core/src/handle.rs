@@ -68,6 +68,14 @@ impl<T> Shared<T> {
         }
     }
 
+    /// With `hook` installed, as [`set_on_cancel`](Self::set_on_cancel) would before anyone
+    /// else can see the state.
+    pub(crate) fn with_on_cancel(mut self, hook: Box<dyn FnOnce() + Send>) -> Self {
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        inner.on_cancel = Some(hook);
+        self
+    }
+
     pub(crate) fn is_cancel_raised(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
     }
@@ -130,7 +138,15 @@ impl<T> Shared<T> {
         }
         inner.status = Status::Done;
         inner.result = Some(result);
-        let hook = inner.on_cancel.take().filter(|_| cancelling);
+        // Otherwise the hook stays, and goes with this state: usually on the caller's thread,
+        // which made it, as the handle is dropped last. Freed here (on a backend's thread,
+        // as a task completes) its allocation and the reference counts it holds moved
+        // between CPUs for every task.
+        let hook = if cancelling {
+            inner.on_cancel.take()
+        } else {
+            None
+        };
         let helper = inner.helper.take();
         let waker = inner.waker.take();
         let blocked = inner.blocked > 0;
@@ -400,11 +416,11 @@ impl<T> std::fmt::Debug for TaskHandle<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::thread;
 
     use super::*;
-    use crate::backend::pair;
+    use crate::backend::{pair, pair_with_cancel};
 
     const LONG: Duration = Duration::from_secs(10);
 
@@ -432,6 +448,33 @@ mod tests {
             handle.wait_timeout(LONG),
             Some(Err(TaskError::cancelled("t")))
         );
+    }
+
+    /// A hook given with the pair runs on a cancel like one registered later; after a
+    /// completion it never runs, and what it holds is let go once the handle and the
+    /// completer are both gone (the caller's handle, usually last).
+    #[test]
+    fn a_cancel_hook_runs_only_on_a_cancel_and_goes_with_the_handle() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = |runs: &Arc<AtomicUsize>| {
+            let runs = runs.clone();
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        let (completer, handle) = pair_with_cancel::<u32>("t", counted(&runs));
+        assert!(completer.start());
+        assert!(handle.cancel());
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        drop(completer);
+
+        let (completer, handle) = pair_with_cancel::<u32>("t", counted(&runs));
+        assert_eq!(Arc::strong_count(&runs), 2, "the hook holds its captures");
+        completer.complete(Ok(7));
+        assert!(!handle.cancel(), "finished already");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "no run after a completion");
+        assert_eq!(handle.wait(), Ok(7));
+        assert_eq!(Arc::strong_count(&runs), 1, "let go with the handle");
     }
 
     #[test]

@@ -617,5 +617,9 @@ mod tests {
 }
 #[test]
 fn zz_sizes() {
-    eprintln!("blob {} repr {}", std::mem::size_of::<Blob>(), std::mem::size_of::<Repr>());
+    eprintln!(
+        "blob {} repr {}",
+        std::mem::size_of::<Blob>(),
+        std::mem::size_of::<Repr>()
+    );
 }

@@ -8,7 +8,7 @@ use offload_ipc::frame::DEFAULT_MAX_FRAME;
 use offload_ipc::handshake::new_token;
 use offload_ipc::transport::{new_socket_name, worker_socket_from_env};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use offload_core::Task;
 use offload_ipc::protocol::Blob;
@@ -237,7 +237,7 @@ impl ProcessPoolBuilder {
             enabled: self.max_tasks_per_worker.is_none(),
             notify: max_workers > workers,
         };
-        let stats = Arc::new(Mutex::new(crate::stats::Published::default()));
+        let stats = Arc::new(crate::stats::Board::default());
         let lanes = Arc::new(crate::lane::Lanes::new(direct_reads));
         let (commands, thread) = reactor::start(
             settings,

@@ -249,8 +249,7 @@ pub(crate) fn one<T: DeserializeOwned + Send + 'static>(
     options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
 ) -> (Job, TaskHandle<T>) {
-    let (completer, handle) = offload_core::backend::pair(name);
-    completer.on_cancel(on_cancel);
+    let (completer, handle) = offload_core::backend::pair_with_cancel(name, on_cancel);
     let job = Job {
         id,
         name,
@@ -272,8 +271,7 @@ pub(crate) fn batch<T: DeserializeOwned + Send + 'static>(
     options: TaskOptions,
     on_cancel: impl FnOnce() + Send + 'static,
 ) -> (Job, TaskHandle<BatchResults<T>>) {
-    let (completer, handle) = offload_core::backend::pair(name);
-    completer.on_cancel(on_cancel);
+    let (completer, handle) = offload_core::backend::pair_with_cancel(name, on_cancel);
     let job = Job {
         id,
         name,

@@ -15,7 +15,7 @@ use crate::job::{self, Job, Payload, TaskOptions};
 use crate::lane::{Lanes, Sent, WaitHelp, DIRECT_MAX};
 use crate::reactor::Commands;
 use crate::scheduler::Command;
-use crate::stats::Published;
+use crate::stats::{Board, Published};
 use crate::PoolStats;
 use crate::ProcessPoolBuilder;
 
@@ -70,7 +70,7 @@ struct PoolInner {
     workers: usize,
     max_frame: usize,
     defaults: TaskOptions,
-    stats: Arc<Mutex<Published>>,
+    stats: Arc<Board>,
     /// Idle workers that callers may write a request to directly.
     lanes: Arc<Lanes>,
     /// Spare buffers for large tasks' encodes.
@@ -104,7 +104,7 @@ impl ProcessPool {
         commands: Commands,
         reactor: JoinHandle<()>,
         (workers, max_frame, defaults): (usize, usize, TaskOptions),
-        stats: Arc<Mutex<Published>>,
+        stats: Arc<Board>,
         lanes: Arc<Lanes>,
         recycler: Arc<Recycler>,
     ) -> Self {
@@ -148,15 +148,12 @@ impl ProcessPool {
     }
 
     fn published(&self) -> std::sync::MutexGuard<'_, Published> {
-        self.inner
-            .stats
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.stats.lock()
     }
 
     /// The error for new work on a broken pool: it cannot run tasks, and says why.
     fn broken<O>(&self, name: &'static str) -> Option<TaskHandle<O>> {
-        let reason = self.published().broken.clone()?;
+        let reason = self.inner.stats.broken()?;
         Some(TaskHandle::ready(
             name,
             Err(TaskError::pool_broken(name, reason)),

@@ -3,7 +3,7 @@
 //! runtime (or none), and keeps pool I/O off the caller's runtime.
 
 use std::os::fd::OwnedFd;
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::connection::{self, Accept, Event};
 use crate::lane::Lanes;
 use crate::scheduler::{Command, Scheduler, Settings, Startup};
-use crate::stats::Published;
+use crate::stats::Board;
 use crate::BuildError;
 
 /// How commands reach the reactor.
@@ -26,7 +26,7 @@ pub(crate) fn start(
     settings: Settings,
     max_frame: usize,
     startup_timeout: Duration,
-    stats: Arc<Mutex<Published>>,
+    stats: Arc<Board>,
     lanes: Arc<Lanes>,
 ) -> Result<(Commands, JoinHandle<()>), BuildError> {
     let (commands, incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -89,7 +89,7 @@ async fn run(
     startup_timeout: Duration,
     mut commands: UnboundedReceiver<Command>,
     ready: std_mpsc::Sender<Result<(), BuildError>>,
-    stats: Arc<Mutex<Published>>,
+    stats: Arc<Board>,
     lanes: Arc<Lanes>,
 ) {
     let listener = match settings

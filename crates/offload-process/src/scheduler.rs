@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use offload_ipc::protocol::{ToParent, ToWorker, TOKEN_LEN};
@@ -31,7 +31,7 @@ use crate::job::{Failure, IdMap, Initializer, Job, Outcome, RequestId};
 use crate::lane::{Direct, Lane, Lanes};
 use crate::segments;
 use crate::spawner::{self, Killer};
-use crate::stats::Published;
+use crate::stats::Board;
 use crate::PoolStats;
 
 /// How long a worker whose connection ended may take to exit before it is killed.
@@ -159,7 +159,7 @@ pub(crate) struct Scheduler {
     service_time: Option<Duration>,
     next_internal_id: RequestId,
     stats: PoolStats,
-    published: Arc<Mutex<Published>>,
+    published: Arc<Board>,
     /// Jobs settled in this turn of the reactor, resolved by `flush` after the stats that
     /// count them are published: a caller who has a result sees it counted.
     settled: Vec<(Job, Outcome)>,
@@ -174,7 +174,7 @@ impl Scheduler {
     pub(crate) fn new(
         settings: Settings,
         events: UnboundedSender<Event>,
-        published: Arc<Mutex<Published>>,
+        published: Arc<Board>,
         lanes: Arc<Lanes>,
     ) -> Self {
         Scheduler {
@@ -327,10 +327,16 @@ impl Scheduler {
                     self.last_start_error = Some(reason);
                 }
             }
-            Event::Message { pid, message } => self.on_message(pid, message),
+            Event::Message { pid, message } => {
+                self.on_message(pid, message, tokio::time::Instant::now());
+            }
             Event::Messages { pid, messages } => {
+                // One reading of the clock for all of them: a request answered in the same
+                // look as the one before it counts as taking no time, the first as taking
+                // the whole gap, so the average per request is still right (`window`).
+                let now = tokio::time::Instant::now();
                 for message in messages {
-                    self.on_message(pid, message);
+                    self.on_message(pid, message, now);
                 }
             }
             Event::Disconnected { pid, closed } => {
@@ -461,7 +467,8 @@ impl Scheduler {
         }
     }
 
-    fn on_message(&mut self, pid: u32, message: ToParent) {
+    /// Handles a frame from worker `pid`, read at about `now`.
+    fn on_message(&mut self, pid: u32, message: ToParent, now: tokio::time::Instant) {
         let (id, outcome) = match message {
             ToParent::Done { id, output } => (id, Outcome::One(output)),
             ToParent::BatchDone {
@@ -522,8 +529,7 @@ impl Scheduler {
             return;
         };
         worker.sent.remove(position);
-        // One reading of the clock per answer: the end of this request, the start of the next.
-        let now = tokio::time::Instant::now();
+        // The end of this request, and the start of the next.
         if position == 0 {
             if let Some(since) = worker.front_since.take() {
                 let took = now.saturating_duration_since(since);
@@ -1090,16 +1096,7 @@ impl Scheduler {
             .values()
             .filter(|w| w.connected && !w.retiring)
             .count();
-        {
-            let mut published = self
-                .published
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            published.stats = self.stats;
-            if published.broken.is_none() {
-                published.broken.clone_from(&self.broken);
-            }
-        }
+        self.published.publish(self.stats, &self.broken);
         for (job, outcome) in self.settled.drain(..) {
             job.finish(outcome);
         }

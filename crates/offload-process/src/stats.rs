@@ -1,5 +1,8 @@
 //! `PoolStats`: what a pool is doing, for dashboards and tests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 /// A snapshot of a [`ProcessPool`](crate::ProcessPool)'s counters, from
 /// [`stats`](crate::ProcessPool::stats). Counts are since the pool started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,4 +36,40 @@ pub(crate) struct Published {
     pub(crate) stats: PoolStats,
     /// Why the pool cannot run tasks any more, once it cannot.
     pub(crate) broken: Option<String>,
+}
+
+/// Where the reactor publishes: under a lock, and whether the pool broke in a flag as well,
+/// which every submit reads. (Locking for it on every submit moved the lock between the
+/// submitting thread and the reactor, which takes it on every turn.)
+#[derive(Debug, Default)]
+pub(crate) struct Board {
+    published: Mutex<Published>,
+    broken: AtomicBool,
+}
+
+impl Board {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Published> {
+        // Nothing panics while holding it: the state is consistent even if poisoned.
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes `stats`, and `broken` unless a reason is published already.
+    pub(crate) fn publish(&self, stats: PoolStats, broken: &Option<String>) {
+        let mut published = self.lock();
+        published.stats = stats;
+        if published.broken.is_none() && broken.is_some() {
+            published.broken.clone_from(broken);
+            self.broken.store(true, Ordering::Release);
+        }
+    }
+
+    /// Why the pool is broken, if it is.
+    pub(crate) fn broken(&self) -> Option<String> {
+        if !self.broken.load(Ordering::Acquire) {
+            return None;
+        }
+        self.lock().broken.clone()
+    }
 }
