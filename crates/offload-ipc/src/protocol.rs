@@ -615,11 +615,3 @@ mod tests {
         assert_eq!(format!("{:?}", Blob::new(vec![1, 2, 3])), "Blob(3 bytes)");
     }
 }
-#[test]
-fn zz_sizes() {
-    eprintln!(
-        "blob {} repr {}",
-        std::mem::size_of::<Blob>(),
-        std::mem::size_of::<Repr>()
-    );
-}

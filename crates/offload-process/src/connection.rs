@@ -270,9 +270,6 @@ async fn write_one(stream: &Socket, message: &ToWorker) -> std::io::Result<()> {
     stream.write_all(&buf, &fds).await
 }
 
-/// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
-/// socket fails (the reader then reports the disconnect). Each message written in full is
-/// taken off `lane.unwritten`.
 /// What the scheduler hands a connection's writer: one message, or several (its turn's
 /// requests for this worker: one channel operation for all of them).
 pub(crate) enum Outgoing {
@@ -297,6 +294,9 @@ impl Outgoing {
     }
 }
 
+/// Writes queued messages, many per write. Ends when the scheduler drops the sender or the
+/// socket fails (the reader then reports the disconnect). Each message written in full is
+/// taken off `lane.unwritten`.
 async fn write_loop(
     stream: Arc<Socket>,
     mut outgoing: UnboundedReceiver<Outgoing>,
@@ -317,8 +317,11 @@ async fn write_loop(
         buf.clear();
         fds.clear();
         let mut count = 0;
+        // A request with a large input is written on its own, after what is batched before
+        // it, its input straight from the request (`frame::encode_split`).
         let mut large = None;
         while let Some(message) = pending.pop_front() {
+            // A large input goes into shared memory if it can, and the request is then small.
             let message = lane.reader.segments.place(message);
             if has_large_input(&message) {
                 large = Some(message);
@@ -338,6 +341,8 @@ async fn write_loop(
         lane.wait_for_caller().await;
         if count > 0 {
             let written = stream.write_all(&buf, &fds).await;
+            // Sent: the worker has its own copies now. Holding ours until the next message
+            // would pin a finished task's shared memory for as long as this worker idles.
             fds.clear();
             if written.is_err() {
                 return;
@@ -358,6 +363,7 @@ async fn write_loop(
     }
 }
 
+/// True for a request whose input is large enough to be written from where it is.
 fn has_large_input(message: &ToWorker) -> bool {
     matches!(message, ToWorker::Run { input, .. } if input.len() >= frame::SPLIT_MIN)
 }

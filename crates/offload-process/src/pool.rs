@@ -295,22 +295,29 @@ impl ProcessPool {
                 };
                 (encoded, fds)
             }
-            None => SCRATCH.with_borrow_mut(|scratch| {
+            None => {
+                // Out of its cell while the task encodes: a `Serialize` impl is user code, and
+                // may submit to a pool itself.
+                let mut scratch = SCRATCH.take();
                 scratch.clear();
-                let (encoded, fds) = attach::collecting(|| backend::encode_into(task, scratch));
+                let (encoded, fds) =
+                    attach::collecting(|| backend::encode_into(task, &mut scratch));
                 let encoded = encoded.map(|()| {
                     if scratch.len() >= RECYCLE_MIN {
-                        // Too large to keep as scratch: it becomes the request's buffer.
-                        Encoded::Spare(std::mem::take(scratch))
+                        Encoded::Spare(std::mem::take(&mut scratch))
+                    } else if scratch.len() > SCRATCH_KEEP {
+                        // Too large to keep as scratch: it becomes the request's buffer as
+                        // it is, rather than be copied out and let go.
+                        Encoded::Small(Blob::shared(std::mem::take(&mut scratch)))
                     } else {
-                        Encoded::Small(Blob::shared_copy(scratch))
+                        Encoded::Small(Blob::shared_copy(&scratch))
                     }
                 });
-                if scratch.capacity() > SCRATCH_KEEP {
-                    *scratch = Vec::new();
+                if scratch.capacity() <= SCRATCH_KEEP {
+                    SCRATCH.set(scratch);
                 }
                 (encoded, fds)
-            }),
+            }
         };
         let bytes = bytes.map_err(|e| TaskError::serialization(T::NAME, e))?;
         let limit = self.inner.max_frame.saturating_sub(REQUEST_OVERHEAD);

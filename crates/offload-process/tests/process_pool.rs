@@ -119,6 +119,24 @@ impl Serialize for Unserializable {
     }
 }
 task!(TakesBad(Unserializable) -> u32, |_s| 1);
+
+/// Serializes as the square of its number, which it has a task on the pool in `NESTED`
+/// compute: user code that submits while the pool encodes another task.
+struct SquaredOnTheWay(u64);
+static NESTED: Mutex<Option<ProcessPool>> = Mutex::new(None);
+impl Serialize for SquaredOnTheWay {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let pool = NESTED.lock().unwrap().clone().expect("a pool to submit to");
+        let squared = wait(pool.submit(Square(self.0))).map_err(serde::ser::Error::custom)?;
+        s.serialize_u64(squared)
+    }
+}
+impl<'de> Deserialize<'de> for SquaredOnTheWay {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(SquaredOnTheWay)
+    }
+}
+task!(TakesSquared(SquaredOnTheWay) -> u64, |s| s.0 .0);
 task!(GivesBad() -> Unserializable, |_s| Unserializable);
 task!(Recurse(u64) -> u64, |s| {
     fn deep(n: u64) -> u64 {
@@ -1621,6 +1639,18 @@ fn arguments_and_outputs_that_fail_to_serialize_are_clear_errors() {
     assert!(pool.join_timeout(LIMIT));
 }
 
+/// A task's `Serialize` runs while the pool encodes it, on the caller's thread: it may
+/// submit to a pool itself (it panicked with "already borrowed" when the pool's encode
+/// buffer stayed borrowed through it).
+fn a_task_whose_serialize_submits_to_a_pool_is_encoded() {
+    let pool = pool(1);
+    *NESTED.lock().unwrap() = Some(pool.clone());
+    let result = wait(pool.submit(TakesSquared(SquaredOnTheWay(7))));
+    *NESTED.lock().unwrap() = None;
+    assert_eq!(result, Ok(49));
+    assert!(pool.join_timeout(LIMIT));
+}
+
 fn a_stack_overflow_kills_only_its_worker_and_the_error_names_the_signal() {
     let pool = pool(1);
     let err = wait(pool.submit(Recurse(u64::MAX))).unwrap_err();
@@ -1939,6 +1969,7 @@ fn main() {
         a_worker_holds_only_its_standard_streams_and_its_connection,
         the_socket_is_abstract_so_no_file_can_have_the_wrong_mode,
         arguments_and_outputs_that_fail_to_serialize_are_clear_errors,
+        a_task_whose_serialize_submits_to_a_pool_is_encoded,
         a_stack_overflow_kills_only_its_worker_and_the_error_names_the_signal,
         garbage_or_closed_stdio_in_a_task_does_not_disturb_the_pool,
         a_worker_program_that_is_not_executable_is_a_clear_error,
