@@ -286,6 +286,18 @@ impl Outgoing {
         }
     }
 
+    /// The messages of `batch`, at least one: a lone one as it is, several together.
+    pub(crate) fn of(mut batch: Vec<ToWorker>) -> Outgoing {
+        match batch.pop() {
+            Some(message) if batch.is_empty() => Outgoing::One(message),
+            Some(message) => {
+                batch.push(message);
+                Outgoing::Many(batch)
+            }
+            None => Outgoing::Many(batch),
+        }
+    }
+
     fn queue_into(self, pending: &mut VecDeque<ToWorker>) {
         match self {
             Outgoing::One(message) => pending.push_back(message),

@@ -34,17 +34,18 @@ thread_local! {
 /// The most capacity a caller's scratch buffer keeps between tasks.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
-/// A task's encoded bytes: in a buffer of its own, or already copied out of the scratch buffer.
+/// A task's encoded bytes: in a buffer that may go back to the pool's spares, or already the
+/// blob the request sends.
 enum Encoded {
     Spare(Vec<u8>),
-    Small(Blob),
+    Ready(Blob),
 }
 
 impl Encoded {
     fn len(&self) -> usize {
         match self {
             Encoded::Spare(bytes) => bytes.len(),
-            Encoded::Small(blob) => blob.len(),
+            Encoded::Ready(blob) => blob.len(),
         }
     }
 }
@@ -308,9 +309,9 @@ impl ProcessPool {
                     } else if scratch.len() > SCRATCH_KEEP {
                         // Too large to keep as scratch: it becomes the request's buffer as
                         // it is, rather than be copied out and let go.
-                        Encoded::Small(Blob::shared(std::mem::take(&mut scratch)))
+                        Encoded::Ready(Blob::shared(std::mem::take(&mut scratch)))
                     } else {
-                        Encoded::Small(Blob::shared_copy(&scratch))
+                        Encoded::Ready(Blob::shared_copy(&scratch))
                     }
                 });
                 if scratch.capacity() <= SCRATCH_KEEP {
@@ -350,7 +351,7 @@ impl ProcessPool {
                 blob
             }
             Encoded::Spare(spare) => Blob::recycled(spare, &self.inner.recycler),
-            Encoded::Small(blob) => blob,
+            Encoded::Ready(blob) => blob,
         };
         Ok(blob.with_fds(fds))
     }

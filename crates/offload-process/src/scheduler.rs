@@ -1027,15 +1027,8 @@ impl Scheduler {
                 }
             }
         }
-        for (pid, mut batch) in batches {
-            let outgoing = match batch.len() {
-                1 => match batch.pop() {
-                    Some(message) => Outgoing::One(message),
-                    None => continue,
-                },
-                _ => Outgoing::Many(batch),
-            };
-            self.hand_to_writer(pid, outgoing);
+        for (pid, batch) in batches {
+            self.hand_to_writer(pid, Outgoing::of(batch));
         }
         self.grow();
     }
