@@ -70,6 +70,12 @@ struct Append<'a>(&'a mut Vec<u8>);
 impl postcard::ser_flavors::Flavor for Append<'_> {
     type Output = ();
 
+    // Inlined, always: the compiler declines on its own, and then each number's bytes go
+    // through a buffer on the stack and a call. Inlined, the match below folds into
+    // postcard's varint loop, and each length writes its bytes straight from registers. In
+    // `map` of tiny tasks the call was a third of the caller's time per task (measured: a
+    // scratch loop of 1M-task maps, 66M -> 90M tasks/s; the workers' time per task fell too).
+    #[inline(always)]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
         // Postcard hands over most numbers as a few bytes of varint. A copy of unknown length
         // is a call to `memcpy`, and a loop of `push`es re-reads the length and capacity for
@@ -85,6 +91,7 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
         Ok(())
     }
 
+    #[inline(always)]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         self.0.push(data);
         Ok(())
