@@ -81,7 +81,7 @@ struct InboxState {
     running: Option<(u64, CancelFlag)>,
     /// The parent asked the worker to exit once the queue is done.
     exiting: bool,
-    /// When a cancel check last read the connection.
+    /// When the connection was last read, by the runner or by a cancel check.
     last_poll: Instant,
     /// The connection's shared-memory segments.
     slots: WorkerSlots,
@@ -165,6 +165,9 @@ impl Inbox {
                 std::process::exit(exit_code::DONE);
             }
             let messages = state.reader.read_some(self.spin);
+            // The connection was just read: the cancel check before the next task need not
+            // read it again (a system call on the way of every round trip).
+            state.last_poll = Instant::now();
             state.apply_or_exit(messages);
         }
     }
