@@ -212,6 +212,11 @@ task!(MarkThenSleep(String, u64) -> (), |s| {
     std::fs::write(&s.0, b"started").unwrap();
     std::thread::sleep(Duration::from_millis(s.1));
 });
+task!(MarkWith(String, Vec<u8>) -> usize, |s| {
+    // The file says the task ran; the input's size decides how it travels.
+    std::fs::write(&s.0, b"ran").unwrap();
+    s.1.len()
+});
 task!(WorkerEnv() -> Vec<String>, |_s| std::env::vars()
     .map(|(k, _)| k)
     .filter(|k| k.starts_with("OFFLOAD_WORKER"))
@@ -967,6 +972,43 @@ fn the_low_latency_mode_serves_cancels_and_goes_quiet_when_idle() {
         used <= 10,
         "an idle pool in low-latency mode used {used} clock ticks of CPU in 1 s"
     );
+    assert!(pool.join_timeout(LIMIT));
+}
+
+/// A request cancelled while it waits in the worker behind a running task is skipped, for
+/// every way a request travels: small (read with the cancel behind it), over 64 KiB (a read
+/// that ends where the frame ends, the cancel still in the socket), and over 1 MiB (a
+/// shared-memory segment, whose first use brings a descriptor, where a read stops). With the
+/// worker's pre-start cancel check skipped after any read, the last two ran every time.
+fn a_request_cancelled_while_queued_in_the_worker_never_runs() {
+    let pool = ProcessPool::builder()
+        .workers(1)
+        .in_flight_per_worker(4)
+        // Long: the skip must come from the worker, not from a kill after the grace period.
+        .cancel_grace(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    for size in [16, 100_000, 1_500_000] {
+        let pid = wait(pool.submit(Pid())).unwrap();
+        let running = pool.submit(Sleep(300));
+        eventually("the first task runs", || pool.stats().running == 1);
+        let path = temp_path("queued-then-cancelled");
+        let queued = pool.submit(MarkWith(path.clone(), vec![7; size]));
+        // Sent to the worker, queued there behind the running task.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(queued.cancel());
+        assert!(wait(queued).unwrap_err().is_cancelled());
+        wait(running).unwrap();
+        // The next request's answer comes after the cancelled one's skip.
+        assert_eq!(
+            wait(pool.submit(Pid())),
+            Ok(pid),
+            "{size} B: the worker lives"
+        );
+        let ran = std::path::Path::new(&path).exists();
+        let _ = std::fs::remove_file(&path);
+        assert!(!ran, "a {size}-byte request cancelled while queued ran");
+    }
     assert!(pool.join_timeout(LIMIT));
 }
 
@@ -1941,6 +1983,7 @@ fn main() {
         misconfiguration_is_a_clear_error,
         a_worker_of_another_protocol_version_is_a_clear_error_not_a_hang,
         cancelling_a_running_task_reaches_it_cooperatively,
+        a_request_cancelled_while_queued_in_the_worker_never_runs,
         a_task_that_ignores_its_cancel_is_killed_after_the_grace_period,
         a_task_past_its_timeout_fails_and_its_worker_is_replaced,
         recycling_every_three_tasks_loses_and_repeats_nothing,

@@ -165,9 +165,13 @@ impl Inbox {
                 std::process::exit(exit_code::DONE);
             }
             let messages = state.reader.read_some(self.spin);
-            // The connection was just read: the cancel check before the next task need not
-            // read it again (a system call on the way of every round trip).
-            state.last_poll = Instant::now();
+            if state.reader.drained() {
+                // Nothing was left in the socket a moment ago: the cancel check before the
+                // next task need not read it again (an empty read on the way of every round
+                // trip). After a read that may have left something (a cancel behind a large
+                // request, or behind one with descriptors), the check reads as before.
+                state.last_poll = Instant::now();
+            }
             state.apply_or_exit(messages);
         }
     }

@@ -25,6 +25,12 @@ pub(super) struct Reader {
     /// `poll` before it reads, instead of first reading nothing. Cleared by a read that
     /// brings more (a burst), where reading first saves the `poll`.
     one_at_a_time: bool,
+    /// The last read found the socket empty after it: it came back short of the room it was
+    /// given, with no descriptors (a Unix stream read stops after a chunk that carries some,
+    /// and the decoder sizes a read to end where a large frame ends). Only such a read may
+    /// count as a cancel check's (see `inbox`): a cancel queued behind a large request, or
+    /// behind one that brought a descriptor, is still in the socket.
+    drained: bool,
 }
 
 /// What one non-blocking read found.
@@ -44,6 +50,7 @@ impl Reader {
             recv,
             decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
             one_at_a_time: false,
+            drained: false,
         }
     }
 
@@ -111,12 +118,20 @@ impl Reader {
         }
     }
 
+    /// Whether the messages last returned came with a read that emptied the socket: nothing
+    /// that arrived before it, a cancel say, is left unread.
+    pub(super) fn drained(&self) -> bool {
+        self.drained
+    }
+
     /// Every whole message that can be had without blocking: those already buffered, else
     /// those of one non-blocking read (maybe none).
     pub(super) fn read_available(&mut self) -> Result<Vec<ToWorker>, WorkerExit> {
         let mut messages = Vec::new();
         self.decoded(&mut messages)?;
         if !messages.is_empty() {
+            // From the buffer: what waits in the socket is unknown.
+            self.drained = false;
             return Ok(messages);
         }
         match self.try_read() {
@@ -160,7 +175,14 @@ impl Reader {
     fn read(&mut self, flags: libc::c_int) -> Read1 {
         let fd = self.fd();
         let mut fds = Vec::new();
-        let read = fdpass::recv(fd, self.decoder.read_buf(), &mut fds, flags);
+        let buf = self.decoder.read_buf();
+        let room = buf.len();
+        let read = fdpass::recv(fd, buf, &mut fds, flags);
+        self.drained = fds.is_empty()
+            && match &read {
+                Ok(n) => *n < room,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            };
         if let Err(e) = self.decoder.received_fds(fds) {
             return Read1::Broken(e.to_string());
         }
