@@ -81,7 +81,8 @@ struct InboxState {
     running: Option<(u64, CancelFlag)>,
     /// The parent asked the worker to exit once the queue is done.
     exiting: bool,
-    /// When the connection was last read, by the runner or by a cancel check.
+    /// When the connection was last read to the end: by a cancel check, or by the runner
+    /// when its read emptied the socket (see `Reader::drained`).
     last_poll: Instant,
     /// The connection's shared-memory segments.
     slots: WorkerSlots,
